@@ -1,0 +1,56 @@
+# rund — build, install and test. Run `make help` for the targets.
+SHELL := /bin/bash
+GO        ?= go
+BIN       := bin
+GUEST     := $(BIN)/guest
+PREFIX    ?= /usr/local
+SHAREDIR  ?= $(PREFIX)/share/rund
+GOFLAGS_BUILD := -trimpath
+VERSION   := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS   := -s -w -X github.com/rund-dev/rund/commands.version=$(VERSION)
+
+.PHONY: all rund guest kernel install test test-unit test-integration test-oci vet fmt lint clean help
+
+all: rund guest
+
+help:
+	@echo "make            build bin/rund and the guest kernel + initramfs (bin/guest)"
+	@echo "make install    install rund to $(PREFIX)/bin and the guest to $(SHAREDIR)"
+	@echo "make test       run every test (unit + integration; needs root and QEMU)"
+	@echo "make test-oci   run the OCI runtime-tools validation suite against rund and runc"
+
+rund: $(BIN)/rund
+$(BIN)/rund: $(shell find . -name '*.go' -not -path './bin/*') go.mod go.sum
+	CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -ldflags '$(LDFLAGS)' -o $@ .
+
+# The guest kernel is Debian's cloud kernel, fetched with apt-get download.
+kernel: $(GUEST)/vmlinuz
+$(GUEST)/vmlinuz:
+	hack/guest/fetch-kernel.sh $(GUEST)
+
+guest: $(GUEST)/initrd.img
+$(GUEST)/initrd.img: $(BIN)/rund $(GUEST)/vmlinuz hack/guest/mkinitramfs.sh
+	hack/guest/mkinitramfs.sh $(BIN)/rund $(GUEST) $@
+
+install: all
+	install -D -m 0755 $(BIN)/rund $(DESTDIR)$(PREFIX)/bin/rund
+	install -D -m 0644 $(GUEST)/vmlinuz $(DESTDIR)$(SHAREDIR)/vmlinuz
+	install -D -m 0644 $(GUEST)/initrd.img $(DESTDIR)$(SHAREDIR)/initrd.img
+
+vet:
+	$(GO) vet ./...
+	$(GO) vet -tags integration ./integration/
+
+fmt:
+	@out=$$(gofmt -l $$(find . -name '*.go' -not -path './bin/*')); if [ -n "$$out" ]; then echo "gofmt:"; echo "$$out"; exit 1; fi
+
+test: all vet fmt test-unit test-integration
+
+test-unit:
+	$(GO) test -count=1 ./...
+
+test-integration: all
+	RUND=$(CURDIR)/$(BIN)/rund $(GO) test -count=1 -tags integration -timeout 40m -v ./integration/ 2>&1 | tee $(BIN)/integration.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)' ; exit $${PIPESTATUS[0]}
+
+clean:
+	rm -rf $(BIN)
