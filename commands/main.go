@@ -7,7 +7,7 @@ package commands
 import (
 	"errors"
 	"fmt"
-		"os"
+	"os"
 
 	"github.com/sirupsen/logrus"
 	"github.com/urfave/cli/v2"
