@@ -1,0 +1,176 @@
+package container
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/rund-dev/rund/vm/agent/proto"
+)
+
+// maxBindFile bounds a host file that is copied into the guest for a bind
+// mount (hosts, resolv.conf, hostname, .containerenv).
+const maxBindFile = 1 << 20
+
+// loadSpec reads and checks bundle/config.json.
+func loadSpec(bundle string) (*specs.Spec, string, error) {
+	if bundle == "" {
+		return nil, "", errors.New("bundle path is empty")
+	}
+	abs, err := filepath.Abs(bundle)
+	if err != nil {
+		return nil, "", fmt.Errorf("bundle %s: %w", bundle, err)
+	}
+	if fi, err := os.Stat(abs); err != nil {
+		return nil, "", fmt.Errorf("bundle %s: %w", abs, err)
+	} else if !fi.IsDir() {
+		return nil, "", fmt.Errorf("bundle %s: not a directory", abs)
+	}
+	b, err := os.ReadFile(filepath.Join(abs, "config.json"))
+	if err != nil {
+		return nil, "", fmt.Errorf("reading config.json of bundle %s: %w", abs, err)
+	}
+	var s specs.Spec
+	if err := json.Unmarshal(b, &s); err != nil {
+		return nil, "", fmt.Errorf("parsing %s: %w", filepath.Join(abs, "config.json"), err)
+	}
+	if s.Root == nil || s.Root.Path == "" {
+		return nil, "", errors.New("config.json: root.path is missing")
+	}
+	if s.Process == nil {
+		return nil, "", errors.New("config.json: process is missing")
+	}
+	if len(s.Process.Args) == 0 {
+		return nil, "", errors.New("config.json: process.args is empty")
+	}
+	if s.Process.Cwd == "" || !filepath.IsAbs(s.Process.Cwd) {
+		return nil, "", fmt.Errorf("config.json: process.cwd %q is not an absolute path", s.Process.Cwd)
+	}
+	rootfs := s.Root.Path
+	if !filepath.IsAbs(rootfs) {
+		rootfs = filepath.Join(abs, rootfs)
+	}
+	fi, err := os.Stat(rootfs)
+	if err != nil {
+		return nil, "", fmt.Errorf("rootfs %s (root.path %q): %w", rootfs, s.Root.Path, err)
+	}
+	if !fi.IsDir() {
+		return nil, "", fmt.Errorf("rootfs %s (root.path %q): not a directory", rootfs, s.Root.Path)
+	}
+	return &s, abs, nil
+}
+
+// rootfsOf returns the absolute rootfs directory of a checked spec.
+func rootfsOf(s *specs.Spec, bundle string) string {
+	if filepath.IsAbs(s.Root.Path) {
+		return filepath.Clean(s.Root.Path)
+	}
+	return filepath.Join(bundle, s.Root.Path)
+}
+
+// toProcess converts a spec process for the agent.
+func toProcess(p *specs.Process) proto.Process {
+	out := proto.Process{
+		Args:            p.Args,
+		Env:             p.Env,
+		Cwd:             p.Cwd,
+		UID:             p.User.UID,
+		GID:             p.User.GID,
+		AdditionalGids:  p.User.AdditionalGids,
+		Umask:           p.User.Umask,
+		Terminal:        p.Terminal,
+		NoNewPrivileges: p.NoNewPrivileges,
+	}
+	if p.ConsoleSize != nil {
+		out.Rows, out.Cols = uint16(p.ConsoleSize.Height), uint16(p.ConsoleSize.Width)
+	}
+	for _, r := range p.Rlimits {
+		out.Rlimits = append(out.Rlimits, proto.Rlimit{Type: r.Type, Hard: r.Hard, Soft: r.Soft})
+	}
+	if c := p.Capabilities; c != nil {
+		out.Capabilities = &proto.Capabilities{
+			Bounding: c.Bounding, Effective: c.Effective, Inheritable: c.Inheritable,
+			Permitted: c.Permitted, Ambient: c.Ambient,
+		}
+	}
+	return out
+}
+
+// toCreateRequest converts the spec into what the agent needs, reading host
+// files that are bind-mounted into the container. warn receives what cannot
+// be honoured inside a VM.
+func toCreateRequest(id string, s *specs.Spec, warn func(string, ...any)) (proto.CreateRequest, error) {
+	req := proto.CreateRequest{
+		ID:       id,
+		Hostname: s.Hostname,
+		Process:  toProcess(s.Process),
+		Root:     proto.Root{Readonly: s.Root.Readonly},
+	}
+	if s.Linux != nil {
+		req.Sysctl = s.Linux.Sysctl
+		req.MaskedPaths = s.Linux.MaskedPaths
+		req.ReadonlyPaths = s.Linux.ReadonlyPaths
+	}
+	for _, m := range s.Mounts {
+		pm := proto.Mount{Destination: m.Destination, Type: m.Type, Source: m.Source, Options: m.Options}
+		if isBind(m) {
+			data, ok, err := bindFileData(m.Source)
+			if err != nil {
+				return req, fmt.Errorf("bind mount %s -> %s: %w", m.Source, m.Destination, err)
+			}
+			if !ok {
+				// A host directory: needs a shared filesystem in the guest.
+				warn("bind mount of host directory %s at %s: not shared with the guest; using an empty tmpfs", m.Source, m.Destination)
+				pm = proto.Mount{Destination: m.Destination, Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "nodev", "mode=755"}}
+			} else {
+				pm.Data = data
+				pm.Type = "bind"
+			}
+		}
+		req.Mounts = append(req.Mounts, pm)
+	}
+	return req, nil
+}
+
+func isBind(m specs.Mount) bool {
+	if m.Type == "bind" || m.Type == "rbind" {
+		return true
+	}
+	for _, o := range m.Options {
+		if o == "bind" || o == "rbind" {
+			return true
+		}
+	}
+	return false
+}
+
+// bindFileData returns the content of a regular host file; ok is false for a
+// directory (or anything that is not a small regular file).
+func bindFileData(src string) ([]byte, bool, error) {
+	fi, err := os.Stat(src)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, false, fmt.Errorf("source: %w", err)
+	}
+	if err != nil {
+		return nil, false, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, false, nil
+	}
+	if fi.Size() > maxBindFile {
+		return nil, false, fmt.Errorf("file of %d bytes is larger than %d", fi.Size(), maxBindFile)
+	}
+	b, err := os.ReadFile(src)
+	if err != nil {
+		return nil, false, err
+	}
+	if b == nil {
+		b = []byte{}
+	}
+	return b, true, nil
+}

@@ -1,0 +1,101 @@
+//go:build integration
+
+package integration
+
+import (
+	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestRunStdioAndExitCodes: rund run relays stdout and stderr separately and
+// exits with the process's status, 128+N for a signal.
+func TestRunStdioAndExitCodes(t *testing.T) {
+	e := newEnv(t)
+	tests := []struct {
+		name     string
+		script   string
+		wantOut  string
+		wantErr  string
+		wantCode int
+	}{
+		{name: "zero", script: "echo hello", wantOut: "hello\n", wantCode: 0},
+		{name: "three", script: "echo out; echo err >&2; exit 3", wantOut: "out\n", wantErr: "err\n", wantCode: 3},
+		{name: "sigkill", script: "kill -9 $$", wantCode: 137},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			b := bundle(t, "sh", "-c", tc.script)
+			r := e.run("", "run", "--bundle", b, fmt.Sprintf("run-%d", i))
+			if r.code != tc.wantCode {
+				t.Errorf("exit code: got %d, want %d (stderr %q)", r.code, tc.wantCode, r.stderr)
+			}
+			if r.stdout != tc.wantOut {
+				t.Errorf("stdout: got %q, want %q", r.stdout, tc.wantOut)
+			}
+			if tc.wantErr != "" && r.stderr != tc.wantErr {
+				t.Errorf("stderr: got %q, want %q", r.stderr, tc.wantErr)
+			}
+		})
+	}
+}
+
+// TestRunStdin: stdin piped into rund run reaches the process, and EOF
+// closes it.
+func TestRunStdin(t *testing.T) {
+	e := newEnv(t)
+	b := bundle(t, "sh", "-c", "cat; echo done")
+	r := e.run("line one\nline two\n", "run", "--bundle", b, "stdin")
+	if r.code != 0 || r.stdout != "line one\nline two\ndone\n" {
+		t.Fatalf("got code %d stdout %q stderr %q", r.code, r.stdout, r.stderr)
+	}
+}
+
+// TestRunLargeOutput: 10 MB of output arrives byte-exact.
+func TestRunLargeOutput(t *testing.T) {
+	e := newEnv(t)
+	b := bundle(t, "cat", "/data/blob")
+	blob := make([]byte, 10<<20)
+	rand.Read(blob)
+	if err := os.WriteFile(filepath.Join(b, "rootfs/data/blob"), blob, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c := e.cmd(t.Context(), "run", "--bundle", b, "large")
+	var out bytes.Buffer
+	c.Stdout = &out
+	c.Stderr = os.Stderr
+	if err := c.Run(); err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	if got, want := sha256.Sum256(out.Bytes()), sha256.Sum256(blob); got != want || out.Len() != len(blob) {
+		t.Fatalf("output: %d bytes, sha256 %x; want %d bytes, %x", out.Len(), got, len(blob), want)
+	}
+}
+
+// TestTwoContainersIsolated: two containers run at once and do not see each
+// other's files or processes.
+func TestTwoContainersIsolated(t *testing.T) {
+	e := newEnv(t)
+	b1 := bundle(t, "sh", "-c", "echo one > /tmp/mark; sleep 1000")
+	b2 := bundle(t, "sh", "-c", "echo two > /tmp/mark; sleep 1000")
+	e.ok("run", "-d", "--bundle", b1, "iso-1")
+	e.ok("run", "-d", "--bundle", b2, "iso-2")
+	for _, id := range []string{"iso-1", "iso-2"} {
+		want := map[string]string{"iso-1": "one", "iso-2": "two"}[id]
+		out := e.ok("exec", id, "cat", "/tmp/mark")
+		if strings.TrimSpace(out) != want {
+			t.Errorf("%s sees /tmp/mark = %q, want %q", id, out, want)
+		}
+		ps := e.ok("exec", id, "ps", "-o", "args")
+		if strings.Contains(ps, map[string]string{"iso-1": "two", "iso-2": "one"}[id]) {
+			t.Errorf("%s sees the other container's process:\n%s", id, ps)
+		}
+	}
+	e.ok("delete", "--force", "iso-1")
+	e.ok("delete", "--force", "iso-2")
+}

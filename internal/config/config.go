@@ -1,0 +1,150 @@
+// Package config reads rund's configuration file (/etc/rund/config.toml).
+// Every key is optional; Default documents each value rund uses without one.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/BurntSushi/toml"
+)
+
+// Config is rund's configuration. The TOML keys are the field tags.
+type Config struct {
+	// Kernel and Initrd are the guest kernel and initramfs. Empty: the first
+	// found of /usr/local/share/rund/<name> and <dir of rund>/guest/<name>.
+	Kernel string `toml:"kernel"`
+	Initrd string `toml:"initrd"`
+	// KernelCmdline is appended to the guest kernel command line.
+	KernelCmdline string `toml:"kernel_cmdline"`
+	// DataDir holds images, the writable-layer base and templates' state;
+	// put it on XFS with reflink=1 (or btrfs) for instant writable layers.
+	DataDir string `toml:"data_dir"`
+	// MemDir holds templates' guest-memory files (tmpfs).
+	MemDir string `toml:"mem_dir"`
+	// Hypervisor is "qemu" or "cloud-hypervisor".
+	Hypervisor            string `toml:"hypervisor"`
+	QEMUBinary            string `toml:"qemu_binary"`
+	CloudHypervisorBinary string `toml:"cloud_hypervisor_binary"`
+	// Accel is "auto", "kvm" or "tcg".
+	Accel string `toml:"accel"`
+	// TBSizeMiB is QEMU's TCG translation-cache size.
+	TBSizeMiB int `toml:"tcg_tb_size_mib"`
+	VCPUs     int `toml:"vcpus"`
+	MemoryMiB int `toml:"memory_mib"`
+	// Templates turns snapshot templates on or off ("off" cold-boots every
+	// sandbox; the annotation rund.template does it per container).
+	Templates string `toml:"templates"`
+	// Rootfs is "split" (EROFS image + writable layer) or "shared".
+	Rootfs string `toml:"rootfs"`
+	// WritableMiB is the size of each sandbox's writable layer.
+	WritableMiB int `toml:"writable_mib"`
+	// ImageCacheMiB bounds the read-only image cache.
+	ImageCacheMiB int `toml:"image_cache_mib"`
+	// CgroupParent is where containers without a cgroupsPath are placed.
+	CgroupParent string `toml:"cgroup_parent"`
+	// CgroupPool turns the pre-created cgroup pool on or off.
+	CgroupPool string `toml:"cgroup_pool"`
+	// BootTimeoutSeconds bounds a cold boot until the agent answers.
+	BootTimeoutSeconds int `toml:"boot_timeout_seconds"`
+}
+
+// Default returns the configuration used for keys the file does not set.
+func Default() Config {
+	return Config{
+		DataDir:            "/var/lib/rund",
+		MemDir:             "/dev/shm/rund",
+		Hypervisor:         "qemu",
+		Accel:              "auto",
+		TBSizeMiB:          8,
+		VCPUs:              1,
+		MemoryMiB:          256,
+		Templates:          "on",
+		Rootfs:             "split",
+		WritableMiB:        1024,
+		ImageCacheMiB:      4096,
+		CgroupParent:       "/rund",
+		CgroupPool:         "on",
+		BootTimeoutSeconds: 60,
+	}
+}
+
+// Load reads path over the defaults. A missing file is not an error.
+func Load(path string) (Config, error) {
+	c := Default()
+	if path != "" {
+		b, err := os.ReadFile(path)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+		case err != nil:
+			return c, fmt.Errorf("reading config %s: %w", path, err)
+		default:
+			md, err := toml.Decode(string(b), &c)
+			if err != nil {
+				return c, fmt.Errorf("parsing config %s: %w", path, err)
+			}
+			if und := md.Undecoded(); len(und) > 0 {
+				return c, fmt.Errorf("config %s: unknown key %q", path, und[0].String())
+			}
+		}
+	}
+	if err := c.validate(); err != nil {
+		return c, fmt.Errorf("config %s: %w", path, err)
+	}
+	c.Kernel = findGuestFile(c.Kernel, "vmlinuz")
+	c.Initrd = findGuestFile(c.Initrd, "initrd.img")
+	return c, nil
+}
+
+func (c *Config) validate() error {
+	switch c.Hypervisor {
+	case "qemu", "cloud-hypervisor":
+	default:
+		return fmt.Errorf("hypervisor %q: want qemu or cloud-hypervisor", c.Hypervisor)
+	}
+	switch c.Accel {
+	case "auto", "kvm", "tcg":
+	default:
+		return fmt.Errorf("accel %q: want auto, kvm or tcg", c.Accel)
+	}
+	switch c.Templates {
+	case "on", "off":
+	default:
+		return fmt.Errorf("templates %q: want on or off", c.Templates)
+	}
+	switch c.Rootfs {
+	case "split", "shared":
+	default:
+		return fmt.Errorf("rootfs %q: want split or shared", c.Rootfs)
+	}
+	switch c.CgroupPool {
+	case "on", "off":
+	default:
+		return fmt.Errorf("cgroup_pool %q: want on or off", c.CgroupPool)
+	}
+	if c.VCPUs < 1 || c.MemoryMiB < 64 || c.WritableMiB < 16 {
+		return errors.New("vcpus must be >= 1, memory_mib >= 64, writable_mib >= 16")
+	}
+	return nil
+}
+
+// findGuestFile returns configured if set, else the first existing default
+// location of name (or the first location, so errors name a path).
+func findGuestFile(configured, name string) string {
+	if configured != "" {
+		return configured
+	}
+	cands := []string{filepath.Join("/usr/local/share/rund", name)}
+	if exe, err := os.Executable(); err == nil {
+		cands = append(cands, filepath.Join(filepath.Dir(exe), "guest", name))
+	}
+	for _, p := range cands {
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	return cands[0]
+}

@@ -1,0 +1,94 @@
+// Package shimapi holds what the lifecycle (container) and the per-container
+// shim exchange: the launch description create writes for the shim, and the
+// control protocol the CLI verbs speak to a running shim over its socket.
+// Both sides import it; neither imports the other.
+package shimapi
+
+import (
+	"github.com/rund-dev/rund/vm/agent/proto"
+)
+
+// Files inside a container's state directory.
+const (
+	LaunchFile  = "launch.json" // Launch, written by create
+	SocketFile  = "shim.sock"   // control socket served by the shim
+	ExitFile    = "exit"        // the container's exit status, written by the shim
+	ConsoleFile = "console.log" // the guest's serial console
+	ShimLogFile = "shim.log"    // the shim's own log
+)
+
+// Fds the shim inherits beyond stdio.
+const (
+	SyncFd     = 3 // write end of the pipe create waits on
+	WritableFd = 4 // the writable-layer disk, already unlinked (split rootfs)
+)
+
+// Launch tells the shim what to run.
+type Launch struct {
+	ID       string `json:"id"`
+	StateDir string `json:"stateDir"`
+	VMDir    string `json:"vmDir"` // the VMM's sockets (short path)
+	Debug    bool   `json:"debug,omitempty"`
+
+	Hypervisor string `json:"hypervisor"`
+	VMMBinary  string `json:"vmmBinary,omitempty"`
+	Kernel     string `json:"kernel"`
+	Initrd     string `json:"initrd"`
+	Cmdline    string `json:"cmdline"`
+	VCPUs      int    `json:"vcpus"`
+	MemoryMiB  int    `json:"memoryMiB"`
+	Accel      string `json:"accel"`
+	TBSizeMiB  int    `json:"tbSizeMiB"`
+
+	// Template: "" cold-boots; otherwise the templates directory and memory
+	// directory the shim builds or restores from.
+	TemplateDir string `json:"templateDir,omitempty"`
+	MemDir      string `json:"memDir,omitempty"`
+
+	// RootImage is the read-only image (EROFS) attached as the first disk;
+	// the writable layer, when present, is fd WritableFd.
+	RootImage   string `json:"rootImage"`
+	HasWritable bool   `json:"hasWritable"`
+	// SharedRoot, when set, is the host directory exported as the root.
+	SharedRoot string `json:"sharedRoot,omitempty"`
+
+	// CgroupProcs are cgroup.procs files the VMM and the shim join.
+	CgroupProcs []string `json:"cgroupProcs,omitempty"`
+
+	Create proto.CreateRequest `json:"create"`
+}
+
+// Ready is what the shim writes on the sync pipe: an error, or the pids.
+type Ready struct {
+	Error    string `json:"error,omitempty"`
+	VMMPid   int    `json:"vmmPid,omitempty"`
+	Template string `json:"template,omitempty"`
+}
+
+// Control operations.
+const (
+	OpStart  = "start"
+	OpKill   = "kill"
+	OpExec   = "exec"
+	OpPause  = "pause"
+	OpResume = "resume"
+	OpPs     = "ps"
+)
+
+// Request is one control request, a JSON line.
+type Request struct {
+	Op      string         `json:"op"`
+	Signal  int            `json:"signal,omitempty"`
+	All     bool           `json:"all,omitempty"`
+	Process *proto.Process `json:"process,omitempty"`
+}
+
+// Response answers a Request, a JSON line. After a successful exec the
+// connection carries proto frames for the exec'd process's stream: the
+// client sends Stdin, CloseStdin, Signal and Resize; the shim sends Stdout,
+// Stderr and finally Exit.
+type Response struct {
+	Error string `json:"error,omitempty"`
+	Pids  []int  `json:"pids,omitempty"`
+	Pid   int    `json:"pid,omitempty"`
+}

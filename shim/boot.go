@@ -1,0 +1,73 @@
+package shim
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/rund-dev/rund/internal/shimapi"
+	"github.com/rund-dev/rund/vm"
+	"github.com/rund-dev/rund/vm/qemu"
+)
+
+// kernelCmdline builds the guest command line.
+func kernelCmdline(extra string) string {
+	parts := []string{"console=ttyS0", "quiet", "loglevel=1", "panic=-1", "reboot=t",
+		"i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd", "tsc=reliable", "no_timer_check",
+		"rcupdate.rcu_expedited=1", "random.trust_cpu=on"}
+	if extra != "" {
+		parts = append(parts, extra)
+	}
+	return strings.Join(parts, " ")
+}
+
+// backendFor returns the hypervisor backend the launch names.
+func backendFor(l *shimapi.Launch) (vm.Backend, error) {
+	switch l.Hypervisor {
+	case "qemu", "":
+		return qemu.New(qemu.Options{Binary: l.VMMBinary}), nil
+	default:
+		return nil, fmt.Errorf("hypervisor %q: %w", l.Hypervisor, vm.ErrUnavailable)
+	}
+}
+
+// vmConfig is the sandbox's VM: the same devices whether cold-booted or
+// restored from a template, so either path yields the same guest.
+func (s *shim) vmConfig() (vm.Config, error) {
+	l := &s.launch
+	accel := l.Accel
+	if accel == "" || accel == "auto" {
+		accel, _ = qemu.DetectAccel()
+	}
+	cfg := vm.Config{
+		Name: l.ID, Dir: s.vmDir, Kernel: l.Kernel, Initrd: l.Initrd,
+		Cmdline: kernelCmdline(l.Cmdline), VCPUs: l.VCPUs, MemoryMiB: l.MemoryMiB,
+		Accel: accel, TBSizeMiB: l.TBSizeMiB,
+		ConsoleLog: filepath.Join(l.StateDir, shimapi.ConsoleFile),
+	}
+	cfg.Disks = append(cfg.Disks, vm.Disk{ID: "rootro", Path: l.RootImage, ReadOnly: true})
+	if l.HasWritable {
+		f := os.NewFile(shimapi.WritableFd, "writable")
+		cfg.Disks = append(cfg.Disks, vm.Disk{ID: "rootrw", Path: cfg.AddFile(f)})
+	}
+	return cfg, nil
+}
+
+// boot starts the sandbox's VM, from a template when one is configured.
+func (s *shim) boot(ctx context.Context) (vm.Machine, string, error) {
+	b, err := backendFor(&s.launch)
+	if err != nil {
+		return nil, "", err
+	}
+	cfg, err := s.vmConfig()
+	if err != nil {
+		return nil, "", err
+	}
+	m, err := b.Start(ctx, cfg)
+	if err != nil {
+		return nil, "", fmt.Errorf("booting vm: %w", err)
+	}
+	return m, "", nil
+}
