@@ -49,11 +49,6 @@ func rootfsModeOf(cfg config.Config, s *specs.Spec) string {
 	return cfg.Rootfs
 }
 
-// memoryOf is the guest's memory. It is fixed by the configuration so that
-// every sandbox can be a clone of one template; the spec's memory limit
-// bounds the host cgroup instead.
-func memoryOf(cfg config.Config, _ *specs.Spec) int { return cfg.MemoryMiB }
-
 // vmDirOf is the VMM's private runtime directory: sockets need paths under
 // 108 bytes, and ids may be long, so it is named by a hash of the id.
 func vmDirOf(root, id string) string {

@@ -102,6 +102,12 @@ func Create(ctx context.Context, o CreateOptions) (*State, error) {
 	st.Shim = NewProc(shim.Pid)
 	st.VMM = NewProc(ready.VMMPid)
 	st.Template = ready.Template
+	if ready.TemplateBuilt && ready.Template != "" {
+		logrus.Infof("built template %s (first use); later creates restore it", ready.Template)
+	}
+	if ready.Warning != "" {
+		logrus.Warn(ready.Warning)
+	}
 	st.Status = Created
 	undo.Add(func() { st.VMM.Signal(syscall.SIGKILL) })
 	if err := st.saveLocked(o.Root); err != nil {
@@ -124,20 +130,15 @@ func prepare(ctx context.Context, o CreateOptions, spec *specs.Spec, st *State, 
 	if err != nil {
 		return nil, nil, err
 	}
-	l := &shimapi.Launch{
-		ID: o.ID, StateDir: dirOf(o.Root, o.ID), VMDir: vmDirOf(o.Root, o.ID), Debug: o.Debug,
-		Hypervisor: hypervisorOf(cfg, spec), Kernel: cfg.Kernel, Initrd: cfg.Initrd,
-		Cmdline: cfg.KernelCmdline, VCPUs: cfg.VCPUs, MemoryMiB: memoryOf(cfg, spec),
-		Accel: cfg.Accel, TBSizeMiB: cfg.TBSizeMiB, Create: req,
-	}
-	if l.Hypervisor == "qemu" {
-		l.VMMBinary = cfg.QEMUBinary
-	} else {
+	l := BaseLaunch(o.Options, o.ID)
+	l.Create = req
+	l.Hypervisor = hypervisorOf(cfg, spec)
+	if l.Hypervisor == "cloud-hypervisor" {
 		l.VMMBinary = cfg.CloudHypervisorBinary
 	}
+	l.TemplateDir, l.MemDir = "", ""
 	if templatesOn(cfg, spec) {
-		l.TemplateDir = filepath.Join(cfg.DataDir, "templates")
-		l.MemDir = cfg.MemDir
+		l.TemplateDir, l.MemDir = filepath.Join(cfg.DataDir, "templates"), cfg.MemDir
 	}
 	st.Hypervisor = l.Hypervisor
 	for _, p := range []string{cfg.Kernel, cfg.Initrd} {
@@ -156,6 +157,27 @@ func prepare(ctx context.Context, o CreateOptions, spec *specs.Spec, st *State, 
 		return nil, nil, err
 	}
 	return l, files, nil
+}
+
+// BaseLaunch is the part of a sandbox's launch that comes from the
+// configuration alone: the VM's shape, guest artifacts and template store.
+func BaseLaunch(o Options, id string) *shimapi.Launch {
+	cfg := o.Config
+	l := &shimapi.Launch{
+		ID: id, StateDir: dirOf(o.Root, id), VMDir: vmDirOf(o.Root, id), Debug: o.Debug,
+		Hypervisor: cfg.Hypervisor, Kernel: cfg.Kernel, Initrd: cfg.Initrd,
+		Cmdline: cfg.KernelCmdline, VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB,
+		Accel: cfg.Accel, TBSizeMiB: cfg.TBSizeMiB, VMMBinary: cfg.QEMUBinary,
+		WritableSize: int64(cfg.WritableMiB) << 20, HasWritable: false,
+	}
+	if cfg.Hypervisor == "cloud-hypervisor" {
+		l.VMMBinary = cfg.CloudHypervisorBinary
+	}
+	if cfg.Templates == "on" {
+		l.TemplateDir = filepath.Join(cfg.DataDir, "templates")
+		l.MemDir = cfg.MemDir
+	}
+	return l
 }
 
 // startShim starts `rund shim ID` with the container's stdio and waits for it

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/sirupsen/logrus"
+
 	"github.com/rund-dev/rund/internal/shimapi"
 	"github.com/rund-dev/rund/vm"
 	"github.com/rund-dev/rund/vm/qemu"
@@ -47,27 +49,45 @@ func (s *shim) vmConfig() (vm.Config, error) {
 		Accel: accel, TBSizeMiB: l.TBSizeMiB,
 		ConsoleLog: filepath.Join(l.StateDir, shimapi.ConsoleFile),
 	}
-	cfg.Disks = append(cfg.Disks, vm.Disk{ID: "rootro", Path: l.RootImage, ReadOnly: true})
 	if l.HasWritable {
-		f := os.NewFile(shimapi.WritableFd, "writable")
-		cfg.Disks = append(cfg.Disks, vm.Disk{ID: "rootrw", Path: cfg.AddFile(f)})
+		img := os.NewFile(shimapi.ImageFd, "image")
+		rw := os.NewFile(shimapi.WritableFd, "writable")
+		cfg.Disks = append(cfg.Disks,
+			vm.Disk{ID: "rootro", Path: cfg.AddFile(img), ReadOnly: true},
+			vm.Disk{ID: "rootrw", Path: cfg.AddFile(rw)})
+	} else {
+		cfg.Disks = append(cfg.Disks, vm.Disk{ID: "rootro", Path: l.RootImage, ReadOnly: true})
 	}
 	return cfg, nil
 }
 
-// boot starts the sandbox's VM, from a template when one is configured.
-func (s *shim) boot(ctx context.Context) (vm.Machine, string, error) {
+// boot starts the sandbox's VM: a clone of its template when templates are
+// on, falling back to a cold boot (with a warning) when that fails.
+func (s *shim) boot(ctx context.Context) (vm.Machine, shimapi.Ready, error) {
+	var r shimapi.Ready
 	b, err := backendFor(&s.launch)
 	if err != nil {
-		return nil, "", err
+		return nil, r, err
 	}
 	cfg, err := s.vmConfig()
 	if err != nil {
-		return nil, "", err
+		return nil, r, err
+	}
+	if s.launch.TemplateDir != "" {
+		m, id, built, err := s.restore(ctx, b, cfg)
+		r.TemplateBuilt = built
+		if err == nil {
+			r.Template = id
+			return m, r, nil
+		}
+		r.Warning = fmt.Sprintf("template unusable, cold-booting: %v", err)
+		logrus.Warnf("sandbox %s: %s", s.launch.ID, r.Warning)
+	} else {
+		logrus.Debugf("sandbox %s: templates off, cold-booting", s.launch.ID)
 	}
 	m, err := b.Start(ctx, cfg)
 	if err != nil {
-		return nil, "", fmt.Errorf("booting vm: %w", err)
+		return nil, r, fmt.Errorf("booting vm: %w", err)
 	}
-	return m, "", nil
+	return m, r, nil
 }

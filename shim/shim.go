@@ -89,7 +89,7 @@ func (s *shim) run(dir string, sync *os.File) (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	t0 := time.Now()
-	m, tpl, err := s.boot(ctx)
+	m, ready, err := s.boot(ctx)
 	if err != nil {
 		return 0, err
 	}
@@ -111,7 +111,7 @@ func (s *shim) run(dir string, sync *os.File) (int, error) {
 	if err := s.hello(ctx); err != nil {
 		return 0, err
 	}
-	logrus.Debugf("sandbox %s: agent ready %s after start (template %q)", l.ID, time.Since(t0), tpl)
+	logrus.Debugf("sandbox %s: agent ready %s after start (template %q)", l.ID, time.Since(t0), ready.Template)
 	stdio, restore, err := s.stdio()
 	if err != nil {
 		return 0, err
@@ -128,7 +128,8 @@ func (s *shim) run(dir string, sync *os.File) (int, error) {
 	go s.serve(ln)
 	go s.waitInit()
 	go s.watchVMM()
-	writeReady(sync, shimapi.Ready{VMMPid: m.Pid(), Template: tpl})
+	ready.VMMPid = m.Pid()
+	writeReady(sync, ready)
 	ok = true
 	status := s.loop(sigs)
 	os.WriteFile(filepath.Join(dir, shimapi.ExitFile), []byte(strconv.Itoa(status)), 0o600)

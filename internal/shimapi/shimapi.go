@@ -21,6 +21,7 @@ const (
 const (
 	SyncFd     = 3 // write end of the pipe create waits on
 	WritableFd = 4 // the writable-layer disk, already unlinked (split rootfs)
+	ImageFd    = 5 // the read-only image, held open so the cache keeps it
 )
 
 // Launch tells the shim what to run.
@@ -49,6 +50,9 @@ type Launch struct {
 	// the writable layer, when present, is fd WritableFd.
 	RootImage   string `json:"rootImage"`
 	HasWritable bool   `json:"hasWritable"`
+	// WritableSize is the writable layer's size in bytes (templates carry
+	// a placeholder of the same size).
+	WritableSize int64 `json:"writableSize,omitempty"`
 	// SharedRoot, when set, is the host directory exported as the root.
 	SharedRoot string `json:"sharedRoot,omitempty"`
 
@@ -63,6 +67,10 @@ type Ready struct {
 	Error    string `json:"error,omitempty"`
 	VMMPid   int    `json:"vmmPid,omitempty"`
 	Template string `json:"template,omitempty"`
+	// TemplateBuilt says this create built the template; Warning carries
+	// a template failure that led to a cold boot.
+	TemplateBuilt bool   `json:"templateBuilt,omitempty"`
+	Warning       string `json:"warning,omitempty"`
 }
 
 // Control operations.
