@@ -17,7 +17,7 @@ func allCommands() []*cli.Command {
 	return []*cli.Command{
 		createCommand(), startCommand(), stateCommand(), killCommand(), deleteCommand(),
 		runCommand(), listCommand(), execCommand(), psCommand(), pauseCommand(), resumeCommand(),
-		featuresCommand(), specCommand(), checkCommand(), checkpointCommand(), shimCommand(), execRelayCommand(), templateCommand(),
+		featuresCommand(), specCommand(), checkCommand(), checkpointCommand(), shimCommand(), execRelayCommand(), templateCommand(), PoolCommand(),
 	}
 }
 

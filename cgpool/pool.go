@@ -1,0 +1,549 @@
+package cgpool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/opencontainers/cgroups"
+	"github.com/opencontainers/cgroups/fs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+)
+
+// Defaults for Options.
+const (
+	DefaultRoot     = "/sys/fs/cgroup"
+	DefaultParent   = "/rund"
+	DefaultStateDir = "/run/rund/cgpool"
+	DefaultLowWater = 2
+	DefaultRefill   = 4
+	DefaultMaxSlots = 4096
+)
+
+// Options configures a pool.
+type Options struct {
+	// Root is the cgroup filesystem root (DefaultRoot). Tests and the
+	// benchmark inject a temporary tree here.
+	Root string
+	// Parent is the cgroup, relative to each hierarchy's root, that the
+	// pool's slots and leases live under (DefaultParent).
+	Parent string
+	// StateDir holds the pool records, one file per root and parent
+	// (DefaultStateDir; tmpfs is expected).
+	StateDir string
+	// Mode forces a cgroup version; ModeAuto detects it.
+	Mode Mode
+	// LowWater starts a background refill when fewer slots than this are
+	// idle after an Acquire (DefaultLowWater); negative disables refill.
+	LowWater int
+	// Refill is the number of slots a refill adds (DefaultRefill).
+	Refill int
+	// MaxSlots bounds the pool's size (DefaultMaxSlots).
+	MaxSlots int
+	// MemoryOverhead is added to the spec's memory limits: the VMM's
+	// cgroup holds the guest's memory plus the sandbox's own overhead.
+	MemoryOverhead int64
+	// KillTimeout bounds how long Release waits for killed processes to
+	// leave the cgroup (10s).
+	KillTimeout time.Duration
+}
+
+// Pool is an open cgroup pool. Its methods are safe for concurrent use by
+// goroutines and by processes that open the same pool.
+type Pool struct {
+	opts    Options
+	mode    Mode
+	hs      []hierarchy
+	parents []string // the parent cgroup's directory in each hierarchy
+	rec     *record
+	self    owner
+
+	// mu serialises this process's goroutines on the record's flock (a
+	// flock excludes open file descriptions, not goroutines sharing one).
+	mu sync.Mutex
+
+	// cursor is where the next liveness probe looks (guarded by mu).
+	cursor int
+
+	refilling atomic.Bool
+	refillWG  sync.WaitGroup
+}
+
+// Open opens the pool of opts.Parent, creating the parent cgroup and an
+// empty record on first use. It does not create slots: Acquire grows the
+// pool on demand and refills it in the background, and Init pre-creates.
+func Open(opts Options) (*Pool, error) {
+	if opts.Root == "" {
+		opts.Root = DefaultRoot
+	}
+	if opts.Parent == "" {
+		opts.Parent = DefaultParent
+	}
+	if opts.StateDir == "" {
+		opts.StateDir = DefaultStateDir
+	}
+	if opts.LowWater == 0 {
+		opts.LowWater = DefaultLowWater
+	}
+	if opts.Refill <= 0 {
+		opts.Refill = DefaultRefill
+	}
+	if opts.MaxSlots <= 0 {
+		opts.MaxSlots = DefaultMaxSlots
+	}
+	if opts.KillTimeout <= 0 {
+		opts.KillTimeout = 10 * time.Second
+	}
+	parent := filepath.Clean("/" + opts.Parent)
+	if parent == "/" {
+		return nil, fmt.Errorf("opening cgroup pool: parent must not be the root cgroup")
+	}
+	opts.Parent = parent
+	mode, hs, err := detect(opts.Root, opts.Mode)
+	if err != nil {
+		return nil, fmt.Errorf("opening cgroup pool: %w", err)
+	}
+	self, err := ownerOf(os.Getpid())
+	if err != nil {
+		return nil, fmt.Errorf("opening cgroup pool: %w", err)
+	}
+	p := &Pool{opts: opts, mode: mode, hs: hs, self: self}
+	for _, h := range hs {
+		d := filepath.Join(h.dir, parent)
+		if err := makeParent(h, d); err != nil {
+			return nil, fmt.Errorf("opening cgroup pool: %w", err)
+		}
+		p.parents = append(p.parents, d)
+	}
+	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("opening cgroup pool: %w", err)
+	}
+	p.rec, err = openRecord(recordPath(opts), mode)
+	if err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+func makeParent(h hierarchy, dir string) error {
+	if h.cgroupfs && h.has("cpuset") {
+		// Creates the missing ancestors with cpus and mems copied down.
+		if err := (&fs.CpusetGroup{}).ApplyDir(dir, &cgroups.Resources{}, -1); err != nil {
+			return fmt.Errorf("creating parent cgroup %s: %w", dir, err)
+		}
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("creating parent cgroup: %w", err)
+	}
+	return nil
+}
+
+// recordPath names a pool's record after its root and parent.
+func recordPath(opts Options) string {
+	key := strings.ReplaceAll(strings.Trim(opts.Root, "/"), "/", "_") + "@" +
+		strings.ReplaceAll(strings.Trim(opts.Parent, "/"), "/", "_")
+	return filepath.Join(opts.StateDir, key+".pool")
+}
+
+// Mode returns the cgroup version the pool works with.
+func (p *Pool) Mode() Mode { return p.mode }
+
+// Parent returns the pool's parent cgroup, e.g. "/rund".
+func (p *Pool) Parent() string { return p.opts.Parent }
+
+// Close waits for a background refill and closes the record.
+func (p *Pool) Close() error {
+	p.refillWG.Wait()
+	return p.rec.close()
+}
+
+// withLock runs fn with the record's flock held exclusively and the slots
+// as read; a corrupt record is rebuilt from the tree first.
+func (p *Pool) withLock(fn func(slots []slot) error) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err := p.rec.lock(unix.LOCK_EX); err != nil {
+		return err
+	}
+	defer p.rec.unlock()
+	slots, err := p.rec.readLocked()
+	if errors.Is(err, ErrCorrupt) {
+		slots, err = p.rebuildLocked()
+	}
+	if err != nil {
+		return err
+	}
+	return fn(slots)
+}
+
+func validName(name string) error {
+	switch {
+	case name == "", name == "-", name == ".", name == "..", len(name) > maxNameLen,
+		strings.ContainsAny(name, "/\x00 \t\n"):
+		return fmt.Errorf("%w: %q", ErrInvalidName, name)
+	case strings.HasPrefix(name, slotPrefix):
+		return fmt.Errorf("%w: %q uses the slot prefix", ErrInvalidName, name)
+	}
+	return nil
+}
+
+// Acquire leases a slot to the cgroup name (one path component) under the
+// pool's parent, with res applied. ownerPid is the process whose life keeps
+// the lease (0: the caller); once it dies the slot may be reclaimed, so a
+// caller that hands the sandbox to another process moves the lease with
+// Lease.SetOwner. An empty pool grows instead of failing.
+func (p *Pool) Acquire(ctx context.Context, name string, ownerPid int, res *specs.LinuxResources) (*Lease, error) {
+	if err := validName(name); err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	r, mask, err := hostResources(res, p.opts.MemoryOverhead)
+	if err != nil {
+		return nil, err
+	}
+	own := p.self
+	if ownerPid != 0 && ownerPid != p.self.pid {
+		if own, err = ownerOf(ownerPid); err != nil {
+			return nil, fmt.Errorf("acquiring cgroup %q: owner: %w", name, err)
+		}
+	}
+	var (
+		mine     slot
+		grow     bool
+		idleLeft int
+		stale    []slot
+	)
+	err = p.withLock(func(slots []slot) error {
+		var err error
+		mine, grow, idleLeft, stale, err = p.takeLocked(slots, name, own, mask)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("acquiring cgroup %q: %w", name, err)
+	}
+	// Reclaim before renaming: a stale lease may hold this very name.
+	for _, s := range stale {
+		if err := p.cleanup(s); err == nil {
+			_ = p.markIdle(s.id)
+		}
+	}
+	switch dir := p.dirName(mine); {
+	case grow:
+		err = p.makeDirs(dir, mine.id)
+	case dir != slotName(mine.id):
+		err = p.renameAll(slotName(mine.id), dir)
+	}
+	if err == nil && p.mode == ModeV2 {
+		// No rename on v2: the tree keeps the lease's name in an xattr.
+		err = setNameXattr(filepath.Join(p.parents[0], slotName(mine.id)), name)
+	}
+	if err == nil {
+		l := p.lease(mine)
+		if err = applyResources(p.mode, l.paths, r, mask); err == nil {
+			if p.opts.LowWater > 0 && idleLeft < p.opts.LowWater {
+				p.startRefill()
+			}
+			return l, nil
+		}
+	}
+	// Roll back: return the slot to the pool as it is.
+	if cerr := p.cleanup(mine); cerr == nil {
+		_ = p.markIdle(mine.id)
+	} else {
+		err = errors.Join(err, cerr)
+	}
+	return nil, fmt.Errorf("acquiring cgroup %q: %w", name, err)
+}
+
+// livenessProbes is how many other holders each Acquire checks for death
+// on its way; an Acquire that finds no idle slot checks them all.
+const livenessProbes = 2
+
+// takeLocked picks the slot for a new lease of name and records it busy:
+// an idle slot, or a new one when none is idle. On the way it claims, for
+// the caller to clean up, the slots whose holders died: a stale lease of
+// the same name, a few others in turn, and all of them before growing.
+//
+// Preconditions: the record's flock is held exclusively.
+func (p *Pool) takeLocked(slots []slot, name string, own owner, mask fieldMask) (mine slot, grow bool, idleLeft int, stale []slot, err error) {
+	claim := func(s slot) error {
+		s.state, s.owner = stateCleaning, p.self
+		stale = append(stale, s)
+		return p.rec.writeSlotLocked(s)
+	}
+	dead := func(s slot) bool { return s.state != stateIdle && s.owner != p.self && !s.owner.alive() }
+	mine = slot{id: -1, state: stateBusy, owner: own, mask: mask, name: name}
+	for _, s := range slots {
+		switch {
+		case s.state == stateIdle:
+			if mine.id < 0 {
+				mine.id = s.id
+			} else {
+				idleLeft++
+			}
+		case s.name == name:
+			if !dead(s) {
+				return mine, false, 0, nil, ErrExist
+			}
+			if err := claim(s); err != nil {
+				return mine, false, 0, nil, err
+			}
+		}
+	}
+	for i := 0; i < livenessProbes && len(slots) > 0; i++ {
+		p.cursor = (p.cursor + 1) % len(slots)
+		if s := slots[p.cursor]; s.name != name && dead(s) {
+			if err := claim(s); err != nil {
+				return mine, false, 0, nil, err
+			}
+		}
+	}
+	if mine.id < 0 {
+		for _, s := range slots {
+			if s.name != name && s.state != stateCleaning && dead(s) {
+				if err := claim(s); err != nil {
+					return mine, false, 0, nil, err
+				}
+			}
+		}
+		if len(slots) >= p.opts.MaxSlots {
+			return mine, false, 0, nil, fmt.Errorf("pool full at %d slots", len(slots))
+		}
+		mine.id, grow = len(slots), true
+	}
+	return mine, grow, idleLeft, stale, p.rec.writeSlotLocked(mine)
+}
+
+// Reclaim cleans up every slot whose holder died and returns how many it
+// returned to the pool. Acquire does this on its own, a few slots at a
+// time; Reclaim is for pool admin and tests.
+func (p *Pool) Reclaim() (int, error) {
+	var stale []slot
+	err := p.withLock(func(slots []slot) error {
+		for _, s := range slots {
+			if s.state != stateIdle && s.owner != p.self && !s.owner.alive() {
+				s.state, s.owner = stateCleaning, p.self
+				if err := p.rec.writeSlotLocked(s); err != nil {
+					return err
+				}
+				stale = append(stale, s)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("reclaiming slots: %w", err)
+	}
+	var errs []error
+	n := 0
+	for _, s := range stale {
+		if err := p.cleanup(s); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if err := p.markIdle(s.id); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		n++
+	}
+	if err := errors.Join(errs...); err != nil {
+		return n, fmt.Errorf("reclaiming slots: %w", err)
+	}
+	return n, nil
+}
+
+// markIdle records a cleaned slot as idle.
+func (p *Pool) markIdle(id int) error {
+	return p.withLock(func(slots []slot) error {
+		if id >= len(slots) {
+			return fmt.Errorf("slot %d: %w", id, ErrNotExist)
+		}
+		return p.rec.writeSlotLocked(slot{id: id, state: stateIdle})
+	})
+}
+
+// Release returns the lease of name to the pool: it kills what is left in
+// the cgroup, resets what Acquire set, renames it back and marks it idle.
+// Releasing a name that holds no lease is not an error, so delete --force
+// may call it with only the name. Do not call it from inside the cgroup.
+func (p *Pool) Release(name string) error {
+	var mine slot
+	found := false
+	err := p.withLock(func(slots []slot) error {
+		for _, s := range slots {
+			if s.name != name || s.state == stateIdle {
+				continue
+			}
+			if s.state != stateBusy && s.owner.alive() && s.owner != p.self {
+				return nil // another process is already cleaning it up
+			}
+			s.state, s.owner = stateCleaning, p.self
+			mine, found = s, true
+			return p.rec.writeSlotLocked(s)
+		}
+		return nil
+	})
+	if err != nil || !found {
+		return err
+	}
+	if err := p.cleanup(mine); err != nil {
+		// The slot stays claimed by this process; once it exits, the next
+		// Acquire reclaims it.
+		return fmt.Errorf("releasing cgroup %q: %w", name, err)
+	}
+	return p.markIdle(mine.id)
+}
+
+// Lease returns the live lease of name, as another process sees it.
+func (p *Pool) Lease(name string) (*Lease, error) {
+	var l *Lease
+	err := p.withLock(func(slots []slot) error {
+		for _, s := range slots {
+			if s.name == name && s.state == stateBusy {
+				l = p.lease(s)
+				return nil
+			}
+		}
+		return fmt.Errorf("cgroup %q: %w", name, ErrNotExist)
+	})
+	return l, err
+}
+
+// Init grows the pool to at least size slots, creating them now.
+func (p *Pool) Init(size int) error {
+	var n int
+	err := p.withLock(func(slots []slot) error {
+		n = size - len(slots)
+		return nil
+	})
+	if err != nil || n <= 0 {
+		return err
+	}
+	return p.grow(n)
+}
+
+// grow adds n idle slots: ids are reserved under the lock, directories
+// made outside it.
+func (p *Pool) grow(n int) error {
+	var ids []int
+	err := p.withLock(func(slots []slot) error {
+		for i := 0; i < n && len(slots)+i < p.opts.MaxSlots; i++ {
+			s := slot{id: len(slots) + i, state: stateNew, owner: p.self}
+			if err := p.rec.writeSlotLocked(s); err != nil {
+				return err
+			}
+			ids = append(ids, s.id)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("growing cgroup pool: %w", err)
+	}
+	var errs []error
+	for _, id := range ids {
+		if err := p.makeDirs(slotName(id), id); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if err := p.markIdle(id); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("growing cgroup pool: %w", err)
+	}
+	return nil
+}
+
+// startRefill grows the pool in the background unless a refill runs.
+func (p *Pool) startRefill() {
+	if !p.refilling.CompareAndSwap(false, true) {
+		return
+	}
+	p.refillWG.Add(1)
+	go func() {
+		defer p.refillWG.Done()
+		defer p.refilling.Store(false)
+		// Best effort: a failed refill leaves Acquire to grow on demand.
+		_ = p.grow(p.opts.Refill)
+	}()
+}
+
+// Destroy kills everything in the pool's slots and removes them and the
+// record. Busy slots whose holder lives make it fail with ErrBusy unless
+// force is set.
+func (p *Pool) Destroy(force bool) error {
+	var all []slot
+	err := p.withLock(func(slots []slot) error {
+		for _, s := range slots {
+			if !force && s.state != stateIdle && s.owner.alive() && s.owner != p.self {
+				return fmt.Errorf("destroying pool %s: slot %d (%s): %w", p.opts.Parent, s.id, s.name, ErrBusy)
+			}
+		}
+		for _, s := range slots {
+			if s.state != stateIdle {
+				s.state, s.owner = stateCleaning, p.self
+				if err := p.rec.writeSlotLocked(s); err != nil {
+					return err
+				}
+			}
+			all = append(all, s)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, s := range all {
+		if err := p.cleanup(s); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		for i, h := range p.hs {
+			d := filepath.Join(p.parents[i], slotName(s.id))
+			if h.cgroupfs {
+				err = cgroups.RemovePath(d)
+			} else {
+				err = os.RemoveAll(d)
+			}
+			if err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("destroying pool %s: %w", p.opts.Parent, err)
+	}
+	err = p.withLock(func([]slot) error { return p.rec.f.Truncate(0) })
+	if err != nil {
+		return fmt.Errorf("destroying pool %s: %w", p.opts.Parent, err)
+	}
+	if err := os.Remove(p.rec.f.Name()); err != nil {
+		return fmt.Errorf("destroying pool %s: %w", p.opts.Parent, err)
+	}
+	return nil
+}
+
+// ParentPaths returns the parent cgroup's directory per controller, keyed
+// like Lease.Paths.
+func (p *Pool) ParentPaths() map[string]string {
+	out := map[string]string{}
+	for i, h := range p.hs {
+		for _, c := range h.controllers {
+			out[c] = p.parents[i]
+		}
+	}
+	return out
+}

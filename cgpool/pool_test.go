@@ -1,0 +1,329 @@
+package cgpool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"testing"
+
+	"github.com/opencontainers/cgroups"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+func TestMain(m *testing.M) {
+	if os.Getenv(helperEnv) != "" {
+		helperMain()
+		return
+	}
+	// Fake trees are plain directories: let the cgroup library create the
+	// files it writes and skip its cgroupfs check.
+	cgroups.TestMode = true
+	os.Exit(m.Run())
+}
+
+// fakeTree builds a plain-directory stand-in for a cgroup root.
+func fakeTree(t *testing.T, mode Mode) string {
+	t.Helper()
+	root := t.TempDir()
+	if mode == ModeV2 {
+		if err := os.WriteFile(filepath.Join(root, "cgroup.controllers"), []byte("memory pids cpu\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return root
+	}
+	for _, h := range []string{"cpu,cpuacct", "memory", "pids", "systemd", "unified"} {
+		if err := os.Mkdir(filepath.Join(root, h), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return root
+}
+
+func openPool(t *testing.T, opts Options) *Pool {
+	t.Helper()
+	if opts.StateDir == "" {
+		opts.StateDir = t.TempDir()
+	}
+	p, err := Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = p.Close() })
+	return p
+}
+
+// subdirs lists the child directories of the parent in every hierarchy.
+func subdirs(t *testing.T, p *Pool) map[string][]string {
+	t.Helper()
+	out := map[string][]string{}
+	for _, d := range p.parents {
+		entries, err := os.ReadDir(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, e := range entries {
+			if e.IsDir() {
+				names = append(names, e.Name())
+			}
+		}
+		sort.Strings(names)
+		out[d] = names
+	}
+	return out
+}
+
+// checkNoLeaks checks that every slot is idle and that the tree holds
+// exactly the slot directories, in every hierarchy.
+func checkNoLeaks(t *testing.T, p *Pool) {
+	t.Helper()
+	st, err := p.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Busy != 0 || st.Leaked != 0 || st.Idle != len(st.Slots) {
+		t.Fatalf("got idle %d busy %d leaked %d of %d slots, want all idle", st.Idle, st.Busy, st.Leaked, len(st.Slots))
+	}
+	var want []string
+	for _, s := range st.Slots {
+		want = append(want, slotName(s.ID))
+	}
+	sort.Strings(want)
+	for d, got := range subdirs(t, p) {
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("%s: got %v, want %v", d, got, want)
+		}
+	}
+}
+
+func TestDetectFake(t *testing.T) {
+	for _, mode := range []Mode{ModeV1, ModeV2} {
+		t.Run(string(mode), func(t *testing.T) {
+			root := fakeTree(t, mode)
+			got, hs, err := detect(root, ModeAuto)
+			if err != nil || got != mode {
+				t.Fatalf("got %v %v, want %v", got, err, mode)
+			}
+			if mode == ModeV1 {
+				var ctrls []string
+				for _, h := range hs {
+					ctrls = append(ctrls, h.controllers...)
+				}
+				sort.Strings(ctrls)
+				if want := "[cpu cpuacct memory name=systemd pids]"; fmt.Sprint(ctrls) != want {
+					t.Fatalf("got controllers %v, want %s", ctrls, want)
+				}
+			}
+		})
+	}
+}
+
+func TestAcquireRelease(t *testing.T) {
+	for _, mode := range []Mode{ModeV1, ModeV2} {
+		t.Run(string(mode), func(t *testing.T) {
+			p := openPool(t, Options{Root: fakeTree(t, mode), Parent: "/pool/parent", LowWater: -1})
+			if err := p.Init(2); err != nil {
+				t.Fatal(err)
+			}
+			pids := int64(64)
+			l, err := p.Acquire(context.Background(), "ctr1", 0, &specs.LinuxResources{Pids: &specs.LinuxPids{Limit: &pids}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := p.Acquire(context.Background(), "ctr1", 0, nil); !errors.Is(err, ErrExist) {
+				t.Fatalf("second acquire of ctr1: got %v, want ErrExist", err)
+			}
+			dir := l.Paths()["pids"]
+			if mode == ModeV2 {
+				dir = l.Paths()[""]
+				if filepath.Base(dir) != slotName(l.Slot()) {
+					t.Fatalf("v2 lease at %s, want the slot's own directory", dir)
+				}
+			} else if filepath.Base(dir) != "ctr1" || l.Paths()["cpuacct"] != l.Paths()["cpu"] {
+				t.Fatalf("got paths %v, want ctr1 in each hierarchy", l.Paths())
+			}
+			if b, err := os.ReadFile(filepath.Join(dir, "pids.max")); err != nil || string(b) != "64" {
+				t.Fatalf("pids.max: got %q %v, want 64", b, err)
+			}
+			if got, err := p.Lease("ctr1"); err != nil || got.Slot() != l.Slot() {
+				t.Fatalf("Lease: got %v %v", got, err)
+			}
+			st, _ := p.Status()
+			if st.Busy != 1 || st.Idle != 1 {
+				t.Fatalf("got busy %d idle %d, want 1 and 1", st.Busy, st.Idle)
+			}
+			if err := p.Release("ctr1"); err != nil {
+				t.Fatal(err)
+			}
+			if err := p.Release("ctr1"); err != nil {
+				t.Fatalf("second release: got %v, want nil", err)
+			}
+			slotDir := filepath.Join(filepath.Dir(dir), slotName(l.Slot()))
+			if b, err := os.ReadFile(filepath.Join(slotDir, "pids.max")); err != nil || string(b) != "max" {
+				t.Fatalf("pids.max after release: got %q %v, want max", b, err)
+			}
+			checkNoLeaks(t, p)
+		})
+	}
+}
+
+func TestAcquireGrowsAndRefills(t *testing.T) {
+	p := openPool(t, Options{Root: fakeTree(t, ModeV1), Parent: "p", LowWater: 2, Refill: 3})
+	// An empty pool grows on demand, and refills below the low-water mark.
+	if _, err := p.Acquire(context.Background(), "c0", 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	p.refillWG.Wait()
+	st, err := p.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Busy != 1 || st.Idle != 3 {
+		t.Fatalf("got busy %d idle %d, want 1 and 3", st.Busy, st.Idle)
+	}
+	names := []string{"c0"}
+	for i := 1; i < 6; i++ {
+		name := "c" + strconv.Itoa(i)
+		if _, err := p.Acquire(context.Background(), name, 0, nil); err != nil {
+			t.Fatal(err)
+		}
+		names = append(names, name)
+	}
+	p.refillWG.Wait()
+	for _, n := range names {
+		if err := p.Release(n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	checkNoLeaks(t, p)
+}
+
+func TestAcquireNameTaken(t *testing.T) {
+	p := openPool(t, Options{Root: fakeTree(t, ModeV1), Parent: "p", LowWater: -1})
+	if err := p.Init(1); err != nil {
+		t.Fatal(err)
+	}
+	// A cgroup outside the pool already has the name: all-or-nothing
+	// rename must roll back and leave the slot idle.
+	if err := os.Mkdir(filepath.Join(p.parents[2], "taken"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Acquire(context.Background(), "taken", 0, nil); !errors.Is(err, ErrExist) {
+		t.Fatalf("got %v, want ErrExist", err)
+	}
+	if err := os.Remove(filepath.Join(p.parents[2], "taken")); err != nil {
+		t.Fatal(err)
+	}
+	checkNoLeaks(t, p)
+	for _, bad := range []string{"", "a/b", "..", slotName(3), "a b"} {
+		if _, err := p.Acquire(context.Background(), bad, 0, nil); !errors.Is(err, ErrInvalidName) {
+			t.Fatalf("name %q: got %v, want ErrInvalidName", bad, err)
+		}
+	}
+}
+
+// startSleeper starts a process to own leases; kill it to make it a dead
+// owner.
+func startSleeper(t *testing.T) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command("sleep", "1000")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	return cmd
+}
+
+func TestDeadOwnerReclaimed(t *testing.T) {
+	p := openPool(t, Options{Root: fakeTree(t, ModeV1), Parent: "p", LowWater: -1})
+	owner := startSleeper(t)
+	if _, err := p.Acquire(context.Background(), "orphan", owner.Process.Pid, nil); err != nil {
+		t.Fatal(err)
+	}
+	// While the owner lives, its name is taken.
+	if _, err := p.Acquire(context.Background(), "orphan", 0, nil); !errors.Is(err, ErrExist) {
+		t.Fatalf("got %v, want ErrExist", err)
+	}
+	_ = owner.Process.Kill()
+	_ = owner.Wait()
+	st, _ := p.Status()
+	if st.Leaked != 1 {
+		t.Fatalf("got %d leaked, want 1", st.Leaked)
+	}
+	// The pool is empty of idle slots: this Acquire reclaims the dead
+	// owner's slot rather than only growing.
+	l, err := p.Acquire(context.Background(), "orphan", 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Release(); err != nil {
+		t.Fatal(err)
+	}
+	checkNoLeaks(t, p)
+}
+
+func TestCorruptRecordRebuilt(t *testing.T) {
+	for _, mode := range []Mode{ModeV1, ModeV2} {
+		t.Run(string(mode), func(t *testing.T) {
+			opts := Options{Root: fakeTree(t, mode), Parent: "p", StateDir: t.TempDir(), LowWater: -1}
+			p := openPool(t, opts)
+			if err := p.Init(3); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := p.Acquire(context.Background(), "kept", 0, nil); err != nil {
+				t.Fatal(err)
+			}
+			// Scribble over the record; a second pool (another process)
+			// must not trust it.
+			if err := os.WriteFile(recordPath(p.opts), []byte("garbage\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			q := openPool(t, opts)
+			st, err := q.Status()
+			if !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("status of a corrupt record: got %v, want ErrCorrupt", err)
+			}
+			if _, err := q.Acquire(context.Background(), "next", 0, nil); err != nil {
+				t.Fatal(err)
+			}
+			st, err = q.Status()
+			if err != nil {
+				t.Fatal(err)
+			}
+			// "kept" is found in the tree as a lease with no process in
+			// it, so no owner: reclaimable, as a slot of a dead holder.
+			if len(st.Slots) != 3 || st.Busy < 1 {
+				t.Fatalf("rebuilt: got %+v", st)
+			}
+			for _, n := range []string{"next", "kept"} {
+				if err := q.Release(n); err != nil {
+					t.Fatal(err)
+				}
+			}
+			checkNoLeaks(t, q)
+		})
+	}
+}
+
+func TestDestroy(t *testing.T) {
+	p := openPool(t, Options{Root: fakeTree(t, ModeV1), Parent: "p", LowWater: -1})
+	if err := p.Init(3); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Acquire(context.Background(), "x", 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Destroy(true); err != nil {
+		t.Fatal(err)
+	}
+	for d, names := range subdirs(t, p) {
+		if len(names) != 0 {
+			t.Fatalf("%s: got %v after destroy, want nothing", d, names)
+		}
+	}
+}

@@ -1,0 +1,280 @@
+package cgpool
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// The record is a header followed by one fixed-size line per slot, so a
+// state change rewrites one line in place with a single pwrite under the
+// flock: no temp files, no fsync (the record lives on tmpfs and a damaged
+// one is rebuilt from the tree). Each line carries its own CRC-32C.
+//
+//	header: "rund-cgpool <version> <mode> <generation>" padded to headerSize
+//	slot:   "<id> <state> <pid> <start> <mask> <name> <crc>" padded to lineSize
+const (
+	recordMagic   = "rund-cgpool"
+	recordVersion = 1
+	headerSize    = 64
+	lineSize      = 384
+	// maxNameLen bounds a cgroup name so a slot line stays fixed-size; it
+	// is NAME_MAX, the kernel's own bound for a directory name.
+	maxNameLen = 255
+)
+
+// slotState is the life-cycle state of a slot in the record.
+type slotState byte
+
+const (
+	// stateIdle: the slot sits under its slot name, empty and reset.
+	stateIdle slotState = 'i'
+	// stateBusy: leased under slot.name by slot.owner.
+	stateBusy slotState = 'b'
+	// stateCleaning: slot.owner is killing, resetting and renaming it back;
+	// if that owner dies the next Acquire reclaims the slot.
+	stateCleaning slotState = 'c'
+	// stateNew: slot.owner is creating the slot's directories.
+	stateNew slotState = 'n'
+)
+
+func (s slotState) String() string {
+	switch s {
+	case stateIdle:
+		return "idle"
+	case stateBusy:
+		return "busy"
+	case stateCleaning:
+		return "cleaning"
+	case stateNew:
+		return "new"
+	}
+	return "unknown"
+}
+
+// slot is one line of the record.
+type slot struct {
+	id    int
+	state slotState
+	owner owner
+	// mask is the set of resource fields written to the slot since it was
+	// last reset (fieldMask bits).
+	mask fieldMask
+	// name is the lease's cgroup name, "" when idle.
+	name string
+}
+
+var crcTable = crc32.MakeTable(crc32.Castagnoli)
+
+func encodeSlot(s slot) []byte {
+	name := s.name
+	if name == "" {
+		name = "-"
+	}
+	body := fmt.Sprintf("%d %c %d %d %x %s", s.id, s.state, s.owner.pid, s.owner.start, uint32(s.mask), name)
+	return pad(fmt.Sprintf("%s %08x", body, crc32.Checksum([]byte(body), crcTable)), lineSize)
+}
+
+func pad(s string, size int) []byte {
+	b := bytes.Repeat([]byte{' '}, size)
+	copy(b, s)
+	b[size-1] = '\n'
+	return b
+}
+
+func decodeSlot(line []byte, want int) (slot, error) {
+	f := strings.Fields(string(line))
+	if len(f) != 7 {
+		return slot{}, fmt.Errorf("slot line %d: %d fields: %w", want, len(f), ErrCorrupt)
+	}
+	body := strings.Join(f[:6], " ")
+	if sum := fmt.Sprintf("%08x", crc32.Checksum([]byte(body), crcTable)); sum != f[6] {
+		return slot{}, fmt.Errorf("slot line %d: checksum: %w", want, ErrCorrupt)
+	}
+	var s slot
+	var err error
+	var errs [5]error
+	s.id, errs[0] = strconv.Atoi(f[0])
+	s.owner.pid, errs[1] = strconv.Atoi(f[2])
+	s.owner.start, errs[2] = strconv.ParseUint(f[3], 10, 64)
+	m, e := strconv.ParseUint(f[4], 16, 32)
+	s.mask, errs[3] = fieldMask(m), e
+	if len(f[1]) != 1 {
+		errs[4] = errors.New("bad state")
+	}
+	if err = errors.Join(errs[:]...); err != nil || s.id != want {
+		return slot{}, fmt.Errorf("slot line %d: %w", want, ErrCorrupt)
+	}
+	s.state = slotState(f[1][0])
+	switch s.state {
+	case stateIdle, stateBusy, stateCleaning, stateNew:
+	default:
+		return slot{}, fmt.Errorf("slot line %d: state %q: %w", want, f[1], ErrCorrupt)
+	}
+	if f[5] != "-" {
+		s.name = f[5]
+	}
+	return s, nil
+}
+
+// record is the open pool record file; its fd also carries the flock. The
+// header carries a generation bumped by every write, so a process that
+// wrote last reuses its parsed copy instead of re-reading every line.
+type record struct {
+	f    *os.File
+	mode Mode
+	// gen and slots cache the record as this process last read or wrote
+	// it; valid is false until the first read.
+	gen   uint64
+	slots []slot
+	valid bool
+}
+
+func openRecord(path string, mode Mode) (*record, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("opening pool record: %w", err)
+	}
+	return &record{f: f, mode: mode}, nil
+}
+
+func (r *record) lock(how int) error {
+	for {
+		err := unix.Flock(int(r.f.Fd()), how)
+		if !errors.Is(err, unix.EINTR) {
+			if err != nil {
+				return &os.PathError{Op: "flock", Path: r.f.Name(), Err: err}
+			}
+			return nil
+		}
+	}
+}
+
+func (r *record) unlock() { _ = unix.Flock(int(r.f.Fd()), unix.LOCK_UN) }
+
+func (r *record) encodeHeader() []byte {
+	return pad(fmt.Sprintf("%s %d %s %d", recordMagic, recordVersion, r.mode, r.gen), headerSize)
+}
+
+func (r *record) parseHeader(b []byte) (uint64, error) {
+	hdr := strings.Fields(string(b))
+	if len(hdr) != 4 || hdr[0] != recordMagic || hdr[1] != strconv.Itoa(recordVersion) || Mode(hdr[2]) != r.mode {
+		return 0, fmt.Errorf("record header %q: %w", b, ErrCorrupt)
+	}
+	gen, err := strconv.ParseUint(hdr[3], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("record header %q: %w", b, ErrCorrupt)
+	}
+	return gen, nil
+}
+
+// readLocked returns the slots of the record; an empty file is a new pool
+// with no slots. The slice is the record's cache: callers change slots
+// only through writeSlotLocked.
+//
+// Preconditions: the record's flock is held.
+func (r *record) readLocked() ([]slot, error) {
+	var hdr [headerSize]byte
+	n, err := r.f.ReadAt(hdr[:], 0)
+	if n == 0 && errors.Is(err, io.EOF) {
+		r.gen, r.slots, r.valid = 0, nil, true
+		return nil, nil
+	}
+	if n < headerSize {
+		r.valid = false
+		return nil, fmt.Errorf("record header: short: %w", ErrCorrupt)
+	}
+	gen, err := r.parseHeader(hdr[:])
+	if err != nil {
+		r.valid = false
+		return nil, err
+	}
+	if r.valid && gen == r.gen {
+		return r.slots, nil
+	}
+	r.valid = false
+	fi, err := r.f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("reading pool record: %w", err)
+	}
+	size := fi.Size()
+	if (size-headerSize)%lineSize != 0 || size > headerSize+lineSize*1<<20 {
+		return nil, fmt.Errorf("record size %d: %w", size, ErrCorrupt)
+	}
+	buf := make([]byte, size)
+	if _, err := r.f.ReadAt(buf, 0); err != nil {
+		return nil, fmt.Errorf("reading pool record: %w", err)
+	}
+	slots := make([]slot, int(size-headerSize)/lineSize)
+	names := make(map[string]bool, len(slots))
+	for i := range slots {
+		off := headerSize + i*lineSize
+		s, err := decodeSlot(buf[off:off+lineSize], i)
+		if err != nil {
+			return nil, err
+		}
+		if s.name != "" {
+			if names[s.name] {
+				return nil, fmt.Errorf("name %q leased twice: %w", s.name, ErrCorrupt)
+			}
+			names[s.name] = true
+		}
+		slots[i] = s
+	}
+	r.gen, r.slots, r.valid = gen, slots, true
+	return slots, nil
+}
+
+// writeSlotLocked rewrites (or appends) one slot line in place. The
+// header's generation goes first: a writer dying in between leaves a new
+// generation over old lines, which readers simply re-read.
+//
+// Preconditions: the record's flock is held exclusively, and readLocked
+// was called under it.
+func (r *record) writeSlotLocked(s slot) error {
+	r.gen++
+	if _, err := r.f.WriteAt(r.encodeHeader(), 0); err != nil {
+		r.valid = false
+		return fmt.Errorf("writing pool record: %w", err)
+	}
+	if _, err := r.f.WriteAt(encodeSlot(s), int64(headerSize+s.id*lineSize)); err != nil {
+		r.valid = false
+		return fmt.Errorf("writing pool record: %w", err)
+	}
+	if s.id < len(r.slots) {
+		r.slots[s.id] = s
+	} else {
+		r.slots = append(r.slots, s)
+	}
+	return nil
+}
+
+// replaceLocked rewrites the whole record, as after a rebuild.
+//
+// Preconditions: the record's flock is held exclusively.
+func (r *record) replaceLocked(slots []slot) error {
+	r.gen++
+	buf := make([]byte, 0, headerSize+len(slots)*lineSize)
+	buf = append(buf, r.encodeHeader()...)
+	for _, s := range slots {
+		buf = append(buf, encodeSlot(s)...)
+	}
+	r.valid = false
+	if err := r.f.Truncate(0); err != nil {
+		return fmt.Errorf("rewriting pool record: %w", err)
+	}
+	if _, err := r.f.WriteAt(buf, 0); err != nil {
+		return fmt.Errorf("rewriting pool record: %w", err)
+	}
+	r.slots, r.valid = slots, true
+	return nil
+}
+
+func (r *record) close() error { return r.f.Close() }

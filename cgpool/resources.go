@@ -1,0 +1,263 @@
+package cgpool
+
+import (
+	"fmt"
+	"path/filepath"
+	"strings"
+
+	"github.com/opencontainers/cgroups"
+	"github.com/opencontainers/cgroups/fs"
+	"github.com/opencontainers/cgroups/fs2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// fieldMask records which resource fields were written to a slot, so that
+// Release resets exactly those and Acquire skips values a fresh cgroup
+// already has.
+type fieldMask uint32
+
+const (
+	fieldMemory fieldMask = 1 << iota
+	fieldMemorySwap
+	fieldMemoryReservation
+	fieldCPUShares
+	fieldCPUQuota
+	fieldCPUPeriod
+	fieldCpusetCpus
+	fieldCpusetMems
+	fieldPids
+	fieldBlkioWeight
+
+	fieldAll = 1<<iota - 1
+)
+
+const (
+	defaultCPUShares = 1024
+	defaultCPUPeriod = 100000
+	defaultCPUWeight = 100
+	defaultIOWeight  = 100
+)
+
+// hostResources turns the spec's resources into what the VMM's cgroup gets:
+// only the fields rund enforces on the host (memory, CPU, cpuset, pids,
+// block I/O weight), with overhead added to the memory limits because the
+// VMM holds the guest's memory plus its own. Fields equal to a fresh
+// cgroup's defaults are dropped. Devices, network and hugepage limits are
+// enforced inside the guest, not on the VMM.
+func hostResources(res *specs.LinuxResources, overhead int64) (*cgroups.Resources, fieldMask, error) {
+	r := &cgroups.Resources{}
+	var m fieldMask
+	if res == nil {
+		return r, 0, nil
+	}
+	if len(res.Unified) > 0 {
+		return nil, 0, fmt.Errorf("linux.resources.unified is not supported by the cgroup pool")
+	}
+	if mem := res.Memory; mem != nil {
+		if mem.Limit != nil && *mem.Limit > 0 {
+			r.Memory, m = *mem.Limit+overhead, m|fieldMemory
+		}
+		if mem.Swap != nil && *mem.Swap > 0 {
+			r.MemorySwap, m = *mem.Swap+overhead, m|fieldMemorySwap
+		}
+		if mem.Reservation != nil && *mem.Reservation > 0 {
+			r.MemoryReservation, m = *mem.Reservation, m|fieldMemoryReservation
+		}
+	}
+	if cpu := res.CPU; cpu != nil {
+		if cpu.Shares != nil && *cpu.Shares != 0 && *cpu.Shares != defaultCPUShares {
+			r.CpuShares, m = *cpu.Shares, m|fieldCPUShares
+		}
+		if cpu.Quota != nil && *cpu.Quota > 0 {
+			r.CpuQuota, m = *cpu.Quota, m|fieldCPUQuota
+		}
+		if cpu.Period != nil && *cpu.Period != 0 && *cpu.Period != defaultCPUPeriod {
+			r.CpuPeriod, m = *cpu.Period, m|fieldCPUPeriod
+		}
+		if cpu.Cpus != "" {
+			r.CpusetCpus, m = cpu.Cpus, m|fieldCpusetCpus
+		}
+		if cpu.Mems != "" {
+			r.CpusetMems, m = cpu.Mems, m|fieldCpusetMems
+		}
+	}
+	if p := res.Pids; p != nil && p.Limit != nil && *p.Limit > 0 {
+		l := *p.Limit
+		r.PidsLimit, m = &l, m|fieldPids
+	}
+	if b := res.BlockIO; b != nil && b.Weight != nil && *b.Weight != 0 && *b.Weight != defaultIOWeight {
+		r.BlkioWeight, m = *b.Weight, m|fieldBlkioWeight
+	}
+	return r, m, nil
+}
+
+// v1 controllers touched by each field.
+var fieldControllers = []struct {
+	mask fieldMask
+	ctrl string
+}{
+	{fieldMemory | fieldMemorySwap | fieldMemoryReservation, "memory"},
+	{fieldCPUShares | fieldCPUQuota | fieldCPUPeriod, "cpu"},
+	{fieldCpusetCpus | fieldCpusetMems, "cpuset"},
+	{fieldPids, "pids"},
+	{fieldBlkioWeight, "blkio"},
+}
+
+type v1Setter interface {
+	Set(path string, r *cgroups.Resources) error
+}
+
+func v1Group(ctrl string) v1Setter {
+	switch ctrl {
+	case "memory":
+		return &fs.MemoryGroup{}
+	case "cpu":
+		return &fs.CpuGroup{}
+	case "cpuset":
+		return &fs.CpusetGroup{}
+	case "pids":
+		return &fs.PidsGroup{}
+	case "blkio":
+		return &fs.BlkioGroup{}
+	}
+	return nil
+}
+
+// applyResources writes r, whose set fields are m, to the cgroup at paths.
+func applyResources(mode Mode, paths map[string]string, r *cgroups.Resources, m fieldMask) error {
+	if m == 0 {
+		return nil
+	}
+	if mode == ModeV2 {
+		mgr, err := fs2.NewManager(&cgroups.Cgroup{Resources: r}, paths[""])
+		if err != nil {
+			return fmt.Errorf("applying resources: %w", err)
+		}
+		if err := mgr.Set(r); err != nil {
+			return fmt.Errorf("applying resources: %w", err)
+		}
+		return nil
+	}
+	for _, fc := range fieldControllers {
+		if m&fc.mask == 0 {
+			continue
+		}
+		p, ok := paths[fc.ctrl]
+		if !ok {
+			return fmt.Errorf("applying %s resources: controller not mounted", fc.ctrl)
+		}
+		if err := v1Group(fc.ctrl).Set(p, r); err != nil {
+			return fmt.Errorf("applying %s resources: %w", fc.ctrl, err)
+		}
+	}
+	return nil
+}
+
+// resetResources writes a fresh cgroup's defaults to every field in m.
+func resetResources(mode Mode, paths map[string]string, m fieldMask) error {
+	if m == fieldAll {
+		// What was written is unknown (a slot found by a rebuild): reset
+		// whatever this cgroup has.
+		m = presentFields(mode, paths)
+	}
+	if m == 0 {
+		return nil
+	}
+	if mode == ModeV2 {
+		return resetV2(paths[""], m)
+	}
+	r := &cgroups.Resources{}
+	if m&(fieldMemory|fieldMemorySwap) != 0 {
+		r.Memory = -1 // the library lifts memsw first when it exists
+	}
+	if m&fieldMemoryReservation != 0 {
+		r.MemoryReservation = -1
+	}
+	if m&fieldCPUShares != 0 {
+		r.CpuShares = defaultCPUShares
+	}
+	if m&fieldCPUQuota != 0 {
+		r.CpuQuota = -1
+	}
+	if m&(fieldCPUPeriod|fieldCPUQuota) != 0 {
+		r.CpuPeriod = defaultCPUPeriod
+	}
+	if m&fieldPids != 0 {
+		unlimited := int64(-1)
+		r.PidsLimit = &unlimited
+	}
+	if m&fieldBlkioWeight != 0 {
+		r.BlkioWeight = defaultIOWeight
+	}
+	if m&(fieldCpusetCpus|fieldCpusetMems) != 0 {
+		p := paths["cpuset"]
+		parent := filepath.Dir(p)
+		cpus, err := cgroups.ReadFile(parent, "cpuset.cpus")
+		if err != nil {
+			return fmt.Errorf("resetting cpuset: %w", err)
+		}
+		mems, err := cgroups.ReadFile(parent, "cpuset.mems")
+		if err != nil {
+			return fmt.Errorf("resetting cpuset: %w", err)
+		}
+		r.CpusetCpus, r.CpusetMems = strings.TrimSpace(cpus), strings.TrimSpace(mems)
+	}
+	return applyResources(ModeV1, paths, r, m)
+}
+
+func resetV2(dir string, m fieldMask) error {
+	writes := []struct {
+		mask       fieldMask
+		file, data string
+	}{
+		{fieldMemorySwap, "memory.swap.max", "max"},
+		{fieldMemory, "memory.max", "max"},
+		{fieldMemoryReservation, "memory.low", "0"},
+		{fieldCPUShares, "cpu.weight", fmt.Sprint(defaultCPUWeight)},
+		{fieldCPUQuota | fieldCPUPeriod, "cpu.max", fmt.Sprintf("max %d", defaultCPUPeriod)},
+		{fieldCpusetCpus, "cpuset.cpus", ""},
+		{fieldCpusetMems, "cpuset.mems", ""},
+		{fieldPids, "pids.max", "max"},
+		{fieldBlkioWeight, "io.weight", fmt.Sprintf("default %d", defaultIOWeight)},
+	}
+	for _, w := range writes {
+		if m&w.mask == 0 {
+			continue
+		}
+		if err := cgroups.WriteFile(dir, w.file, w.data); err != nil {
+			return fmt.Errorf("resetting %s: %w", w.file, err)
+		}
+	}
+	return nil
+}
+
+// fieldFiles names, per field, the file whose presence shows the cgroup
+// can hold it: controller and file name (v1), file name (v2).
+var fieldFiles = []struct {
+	mask   fieldMask
+	ctrl   string
+	v1, v2 string
+}{
+	{fieldMemory, "memory", "memory.limit_in_bytes", "memory.max"},
+	{fieldMemorySwap, "memory", "memory.memsw.limit_in_bytes", "memory.swap.max"},
+	{fieldMemoryReservation, "memory", "memory.soft_limit_in_bytes", "memory.low"},
+	{fieldCPUShares, "cpu", "cpu.shares", "cpu.weight"},
+	{fieldCPUQuota | fieldCPUPeriod, "cpu", "cpu.cfs_quota_us", "cpu.max"},
+	{fieldCpusetCpus | fieldCpusetMems, "cpuset", "cpuset.cpus", "cpuset.cpus"},
+	{fieldPids, "pids", "pids.max", "pids.max"},
+	{fieldBlkioWeight, "blkio", "blkio.weight", "io.weight"},
+}
+
+func presentFields(mode Mode, paths map[string]string) fieldMask {
+	var m fieldMask
+	for _, f := range fieldFiles {
+		dir, file := paths[f.ctrl], f.v1
+		if mode == ModeV2 {
+			dir, file = paths[""], f.v2
+		}
+		if dir != "" && exists(filepath.Join(dir, file)) {
+			m |= f.mask
+		}
+	}
+	return m
+}

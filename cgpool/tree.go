@@ -1,0 +1,317 @@
+package cgpool
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/opencontainers/cgroups"
+	"github.com/opencontainers/cgroups/fs"
+	"golang.org/x/sys/unix"
+)
+
+const slotPrefix = "rund-slot-"
+
+func slotName(id int) string { return slotPrefix + strconv.Itoa(id) }
+
+// parseSlotName returns the id of a directory named like a slot.
+func parseSlotName(name string) (int, bool) {
+	s, ok := strings.CutPrefix(name, slotPrefix)
+	if !ok {
+		return 0, false
+	}
+	id, err := strconv.Atoi(s)
+	return id, err == nil && id >= 0 && strconv.Itoa(id) == s
+}
+
+// pathsFor returns the directory named name under the parent, keyed like
+// runc's cgroup paths (controller name; "" for v2).
+func (p *Pool) pathsFor(name string) map[string]string {
+	out := make(map[string]string, len(p.hs)+2)
+	for i, h := range p.hs {
+		d := filepath.Join(p.parents[i], name)
+		for _, c := range h.controllers {
+			out[c] = d
+		}
+	}
+	return out
+}
+
+// dirName is where a leased slot lives: its lease name on v1, its own name
+// on v2, where cgroups cannot be renamed.
+func (p *Pool) dirName(s slot) string {
+	if p.mode == ModeV2 || s.name == "" {
+		return slotName(s.id)
+	}
+	return s.name
+}
+
+// makeDir creates one slot directory and makes it joinable: a v1 cpuset
+// cgroup needs cpuset.cpus and cpuset.mems before a task may join.
+func (p *Pool) makeDir(i int, name string, id int) error {
+	d := filepath.Join(p.parents[i], name)
+	if err := unix.Mkdir(d, 0o755); err != nil {
+		if errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("creating cgroup %s: %w", d, ErrExist)
+		}
+		return &os.PathError{Op: "mkdir", Path: d, Err: err}
+	}
+	if h := p.hs[i]; !h.cgroupfs && p.mode == ModeV2 {
+		// A plain directory stands in for a cgroup: give it the file
+		// cgroupfs would, which the v2 resource code reads.
+		if b, err := os.ReadFile(filepath.Join(h.dir, "cgroup.controllers")); err == nil {
+			_ = os.WriteFile(filepath.Join(d, "cgroup.controllers"), b, 0o644)
+		}
+	} else if h.cgroupfs && h.has("cpuset") {
+		if err := (&fs.CpusetGroup{}).ApplyDir(d, &cgroups.Resources{}, -1); err != nil {
+			_ = unix.Rmdir(d)
+			return fmt.Errorf("preparing cpuset of %s: %w", d, err)
+		}
+	}
+	if err := setSlotXattr(d, id); err != nil {
+		_ = unix.Rmdir(d)
+		return err
+	}
+	return nil
+}
+
+// makeDirs creates the slot's directory, named name, in every hierarchy,
+// all or none.
+func (p *Pool) makeDirs(name string, id int) error {
+	for i := range p.hs {
+		if err := p.makeDir(i, name, id); err != nil {
+			for j := i - 1; j >= 0; j-- {
+				_ = unix.Rmdir(filepath.Join(p.parents[j], name))
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// renameAll renames the slot in every hierarchy, all or none: a failure
+// part-way renames the ones already done back.
+func (p *Pool) renameAll(from, to string) error {
+	for i, h := range p.hs {
+		err := renameNoReplace(filepath.Join(p.parents[i], from), filepath.Join(p.parents[i], to), h.cgroupfs)
+		if err == nil {
+			continue
+		}
+		if errors.Is(err, unix.EEXIST) || errors.Is(err, unix.ENOTEMPTY) {
+			err = fmt.Errorf("%w: %w", ErrExist, err)
+		}
+		var rb []error
+		for j := i - 1; j >= 0; j-- {
+			rb = append(rb, renameNoReplace(filepath.Join(p.parents[j], to), filepath.Join(p.parents[j], from), p.hs[j].cgroupfs))
+		}
+		return errors.Join(append([]error{err}, rb...)...)
+	}
+	return nil
+}
+
+// cleanup returns a slot to the idle shape: its directory exists under its
+// slot name in every hierarchy, holds no process and no child cgroup, and
+// carries a fresh cgroup's resource values. The fast path assumes the
+// slot is where the record says; when it is not, it copes with any point a
+// holder may have died at: directories half renamed, or not yet created.
+func (p *Pool) cleanup(s slot) error {
+	dirs := make([]string, len(p.hs))
+	for i := range p.hs {
+		dirs[i] = filepath.Join(p.parents[i], p.dirName(s))
+	}
+	err := p.cleanupAt(s, dirs)
+	if err == nil || !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	idle := slotName(s.id)
+	for i := range p.hs {
+		dirs[i] = filepath.Join(p.parents[i], idle)
+		if s.name != "" && p.mode != ModeV2 {
+			if named := filepath.Join(p.parents[i], s.name); !exists(dirs[i]) && exists(named) {
+				dirs[i] = named
+			}
+		}
+		if !exists(dirs[i]) {
+			if err := p.makeDir(i, idle, s.id); err != nil {
+				return fmt.Errorf("recreating slot %d: %w", s.id, err)
+			}
+		}
+	}
+	return p.cleanupAt(s, dirs)
+}
+
+// cleanupAt empties, resets and renames back the slot found at dirs.
+func (p *Pool) cleanupAt(s slot, dirs []string) error {
+	idle := slotName(s.id)
+	for _, d := range dirs {
+		// A directory to be renamed back is checked by the rename.
+		if filepath.Base(d) == idle && !exists(d) {
+			return &os.PathError{Op: "cleanup", Path: d, Err: os.ErrNotExist}
+		}
+	}
+	if err := p.killAll(dirs); err != nil {
+		return fmt.Errorf("emptying slot %d: %w", s.id, err)
+	}
+	paths := make(map[string]string, len(dirs))
+	for i, h := range p.hs {
+		for _, c := range h.controllers {
+			paths[c] = dirs[i]
+		}
+	}
+	if err := resetResources(p.mode, paths, s.mask); err != nil {
+		return fmt.Errorf("resetting slot %d: %w", s.id, err)
+	}
+	if p.mode == ModeV2 && s.name != "" {
+		clearNameXattr(dirs[0])
+	}
+	for i, d := range dirs {
+		if filepath.Base(d) == idle {
+			continue
+		}
+		if err := renameNoReplace(d, filepath.Join(p.parents[i], idle), p.hs[i].cgroupfs); err != nil {
+			return fmt.Errorf("returning slot %d: %w", s.id, err)
+		}
+	}
+	return nil
+}
+
+// killAll SIGKILLs every process in dirs and their child cgroups, waits
+// until they have left, and removes the child cgroups.
+func (p *Pool) killAll(dirs []string) error {
+	deadline := time.Now().Add(p.opts.KillTimeout)
+	if p.mode == ModeV2 {
+		for _, d := range dirs {
+			if err := cgroups.WriteFile(d, "cgroup.kill", "1"); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return fmt.Errorf("killing %s: %w", d, err)
+			}
+		}
+	}
+	if p.empty(dirs) {
+		return nil
+	}
+	delay := 200 * time.Microsecond
+	for {
+		var pids []int
+		var children []string
+		for i, d := range dirs {
+			if !p.hs[i].cgroupfs {
+				// A plain directory standing in for a cgroup holds no
+				// process; its subdirectories go as a whole.
+				if err := removeSubdirs(d); err != nil {
+					return err
+				}
+				continue
+			}
+			walkProcs(d, &pids, &children)
+		}
+		if len(pids) == 0 {
+			// Deepest first: a cgroup can be removed only without children.
+			for i := len(children) - 1; i >= 0; i-- {
+				if err := unix.Rmdir(children[i]); err != nil && !errors.Is(err, unix.ENOENT) {
+					return &os.PathError{Op: "rmdir", Path: children[i], Err: err}
+				}
+			}
+			return nil
+		}
+		for _, pid := range pids {
+			_ = unix.Kill(pid, unix.SIGKILL)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d processes still running after %v", len(pids), p.opts.KillTimeout)
+		}
+		time.Sleep(delay)
+		delay = min(2*delay, 20*time.Millisecond)
+	}
+}
+
+// empty is the cheap check that the slot holds no process and no child
+// cgroup, so that releasing an already stopped sandbox reads no pid list
+// (building one costs ~20µs per v1 hierarchy). It reads cgroup.events on
+// v2 and pids.current (which counts descendants too) on v1; without a pids
+// hierarchy it answers false and killAll scans. A process that a third
+// party put into only some non-pids hierarchies is not seen.
+func (p *Pool) empty(dirs []string) bool {
+	checked := false
+	for i, d := range dirs {
+		h := p.hs[i]
+		if !h.cgroupfs {
+			return false
+		}
+		var st unix.Stat_t
+		if err := unix.Stat(d, &st); err != nil || st.Nlink > 2 {
+			return false // missing, or has child cgroups
+		}
+		switch {
+		case p.mode == ModeV2:
+			ev, err := cgroups.ReadFile(d, "cgroup.events")
+			if err != nil || !strings.Contains(ev, "populated 0") {
+				return false
+			}
+			checked = true
+		case h.has("pids"):
+			n, err := cgroups.ReadFile(d, "pids.current")
+			if err != nil || strings.TrimSpace(n) != "0" {
+				return false
+			}
+			checked = true
+		}
+	}
+	return checked
+}
+
+// walkProcs appends the pids in dir and below, and the child cgroups in
+// walk order (parents before children).
+func walkProcs(dir string, pids *[]int, children *[]string) {
+	*pids = append(*pids, readProcs(dir)...)
+	// A cgroup directory's link count is 2 plus its child cgroups: skip
+	// listing the dozens of control files when there are none.
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil || st.Nlink <= 2 {
+		return
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		if e.IsDir() {
+			c := filepath.Join(dir, e.Name())
+			*children = append(*children, c)
+			walkProcs(c, pids, children)
+		}
+	}
+}
+
+// readProcs lists cgroup.procs; a missing file (fake trees) is empty.
+func readProcs(dir string) []int {
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if err != nil {
+		return nil
+	}
+	var pids []int
+	for _, f := range strings.Fields(string(b)) {
+		if pid, err := strconv.Atoi(f); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+func removeSubdirs(dir string) error {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("reading %s: %w", dir, err)
+	}
+	for _, e := range entries {
+		if e.IsDir() {
+			if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+				return fmt.Errorf("removing child of %s: %w", dir, err)
+			}
+		}
+	}
+	return nil
+}

@@ -1,0 +1,411 @@
+// Command cgpool measures cgroup setup for sandboxes: a lease from the
+// cgroup pool (acquire by rename + apply, release = kill check, reset,
+// rename back) against creating and destroying a cgroup per sandbox (mkdir
+// + apply + rmdir through github.com/opencontainers/cgroups, as runc does),
+// at several concurrency levels, in one process. It prints a table and
+// writes the figures as JSON. It needs root and leaves nothing behind.
+//
+//	go run ./hack/bench/cgpool -workers 1,10,50,200 -n 2000 -out cgpool.json
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/cgroups"
+	"github.com/opencontainers/cgroups/fs"
+	"github.com/opencontainers/cgroups/fs2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	"github.com/rund-dev/rund/cgpool"
+)
+
+// sandbox shape: what a 256 MiB, half-CPU container asks for.
+const (
+	memLimit = 256 << 20
+	overhead = 32 << 20
+	shares   = 512
+	quota    = 50000
+	period   = 100000
+	pids     = 1024
+)
+
+type dist struct {
+	P50us float64 `json:"p50_us"`
+	P99us float64 `json:"p99_us"`
+}
+
+type result struct {
+	Method  string  `json:"method"`
+	Workers int     `json:"workers"`
+	N       int     `json:"n"`
+	WallMs  float64 `json:"wall_ms"`
+	Setup   dist    `json:"setup"`
+	Teardn  dist    `json:"teardown"`
+	Op      dist    `json:"op"`
+	ProcCPU float64 `json:"process_cpu_ms"`
+	HostCPU float64 `json:"host_cpu_ms"`
+	Errors  int     `json:"errors"`
+}
+
+type run struct {
+	Mode        string   `json:"mode"`
+	Root        string   `json:"root"`
+	Hierarchies int      `json:"hierarchies"`
+	Resources   string   `json:"resources"`
+	Note        string   `json:"note,omitempty"`
+	Results     []result `json:"results"`
+	Speedup     []string `json:"speedup"`
+}
+
+func main() {
+	workers := flag.String("workers", "1,10,50,200", "comma-separated concurrency levels")
+	n := flag.Int("n", 2000, "cgroup setups per method and level")
+	out := flag.String("out", "", "write the figures as JSON to this file")
+	root := flag.String("root", cgpool.DefaultRoot, "cgroup filesystem root")
+	parent := flag.String("parent", "rund-bench", "parent cgroup for the benchmark (removed afterwards)")
+	v2root := flag.String("v2root", "auto", `cgroup2 tree for a v2 pass ("auto": <root>/unified on a hybrid host, "" to skip)`)
+	flag.Parse()
+	var levels []int
+	for _, f := range strings.Split(*workers, ",") {
+		w, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || w <= 0 {
+			fatal(fmt.Errorf("bad -workers %q", *workers))
+		}
+		levels = append(levels, w)
+	}
+	var runs []run
+	r, err := bench(*root, cgpool.ModeAuto, *parent, levels, *n)
+	if err != nil {
+		fatal(err)
+	}
+	runs = append(runs, r)
+	if r.Mode == string(cgpool.ModeV1) {
+		v2 := *v2root
+		if v2 == "auto" {
+			v2 = filepath.Join(*root, "unified")
+		}
+		var st unix.Statfs_t
+		if v2 == "" || unix.Statfs(v2, &st) != nil || st.Type != unix.CGROUP2_SUPER_MAGIC {
+			runs = append(runs, run{Mode: "v2", Root: v2, Note: "not run: no cgroup2 tree on this host"})
+		} else if r2, err := bench(v2, cgpool.ModeV2, *parent, levels, *n); err != nil {
+			runs = append(runs, run{Mode: "v2", Root: v2, Note: "not run: " + err.Error()})
+		} else {
+			runs = append(runs, r2)
+		}
+	}
+	for _, r := range runs {
+		print(r)
+	}
+	if *out != "" {
+		b, _ := json.MarshalIndent(runs, "", "  ")
+		if err := os.WriteFile(*out, append(b, '\n'), 0o644); err != nil {
+			fatal(err)
+		}
+	}
+}
+
+func fatal(err error) {
+	fmt.Fprintln(os.Stderr, "cgpool bench:", err)
+	os.Exit(1)
+}
+
+// spec returns the sandbox's resources, as much of them as the tree's
+// controllers can take.
+func spec(mode cgpool.Mode, root string) (*specs.LinuxResources, string) {
+	l, q, sh, pe, pl := int64(memLimit), int64(quota), uint64(shares), uint64(period), int64(pids)
+	if mode == cgpool.ModeV1 {
+		return &specs.LinuxResources{
+			Memory: &specs.LinuxMemory{Limit: &l},
+			CPU:    &specs.LinuxCPU{Shares: &sh, Quota: &q, Period: &pe},
+			Pids:   &specs.LinuxPids{Limit: &pl},
+		}, "memory 256MiB(+32MiB overhead), cpu shares 512, quota 50000/100000, pids 1024"
+	}
+	ctrls, _ := os.ReadFile(filepath.Join(root, "cgroup.controllers"))
+	have := strings.Fields(string(ctrls))
+	res := &specs.LinuxResources{}
+	var got []string
+	for _, c := range have {
+		switch c {
+		case "memory":
+			res.Memory = &specs.LinuxMemory{Limit: &l}
+			got = append(got, "memory")
+		case "cpu":
+			res.CPU = &specs.LinuxCPU{Shares: &sh, Quota: &q, Period: &pe}
+			got = append(got, "cpu")
+		case "pids":
+			res.Pids = &specs.LinuxPids{Limit: &pl}
+			got = append(got, "pids")
+		}
+	}
+	if len(got) == 0 {
+		return res, "none: the cgroup2 tree has no memory/cpu/pids controller here (all are bound to v1)"
+	}
+	return res, strings.Join(got, ",")
+}
+
+func bench(root string, mode cgpool.Mode, parent string, levels []int, n int) (run, error) {
+	state, err := os.MkdirTemp("", "cgpool-bench-")
+	if err != nil {
+		return run{}, err
+	}
+	defer os.RemoveAll(state)
+	top, err := cgpool.Open(cgpool.Options{Root: root, Parent: parent, StateDir: state, Mode: mode})
+	if err != nil {
+		return run{}, err
+	}
+	mode = top.Mode()
+	res, resDesc := spec(mode, root)
+	topPaths := top.ParentPaths()
+	_ = top.Close()
+	defer removeTree(topPaths)
+	rr := run{Mode: string(mode), Root: root, Hierarchies: len(uniq(topPaths)), Resources: resDesc}
+	if mode == cgpool.ModeV2 {
+		rr.Note = "cgroup v2 cannot rename a cgroup: the pool leases slots in place (name kept in an xattr)"
+	}
+	for _, w := range levels {
+		base, err := runBaseline(mode, res, topPaths, w, n)
+		if err != nil {
+			return rr, err
+		}
+		pool, err := runPool(root, mode, parent, state, res, w, n)
+		if err != nil {
+			return rr, err
+		}
+		rr.Results = append(rr.Results, base, pool)
+		rr.Speedup = append(rr.Speedup, fmt.Sprintf("%d workers: %.1fx wall, %.1fx host CPU",
+			w, base.WallMs/pool.WallMs, base.HostCPU/max(pool.HostCPU, 0.001)))
+	}
+	return rr, nil
+}
+
+func uniq(m map[string]string) []string {
+	set := map[string]bool{}
+	for _, v := range m {
+		set[v] = true
+	}
+	var out []string
+	for v := range set {
+		out = append(out, v)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func removeTree(paths map[string]string) {
+	for _, d := range uniq(paths) {
+		_ = cgroups.RemovePath(d)
+	}
+}
+
+// op is one setup (create/acquire + apply) and one teardown.
+type op func(i int) (setup, teardown time.Duration, err error)
+
+func measure(method string, w, n int, fn op) result {
+	setup := make([]time.Duration, n)
+	tear := make([]time.Duration, n)
+	total := make([]time.Duration, n)
+	var errs int
+	var mu sync.Mutex
+	next := make(chan int, n)
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	cpu0, host0 := procCPU(), hostCPU()
+	start := time.Now()
+	var wg sync.WaitGroup
+	for range w {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				s, t, err := fn(i)
+				setup[i], tear[i], total[i] = s, t, s+t
+				if err != nil {
+					mu.Lock()
+					if errs == 0 {
+						fmt.Fprintf(os.Stderr, "%s: %v\n", method, err)
+					}
+					errs++
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	wall := time.Since(start)
+	return result{
+		Method: method, Workers: w, N: n, Errors: errs,
+		WallMs:  ms(wall),
+		Setup:   percentiles(setup),
+		Teardn:  percentiles(tear),
+		Op:      percentiles(total),
+		ProcCPU: ms(procCPU() - cpu0),
+		HostCPU: ms(hostCPU() - host0),
+	}
+}
+
+func runBaseline(mode cgpool.Mode, res *specs.LinuxResources, parents map[string]string, w, n int) (result, error) {
+	r := libResources(res)
+	return measure("mkdir+apply+rmdir", w, n, func(i int) (time.Duration, time.Duration, error) {
+		name := fmt.Sprintf("mk-%d", i)
+		t0 := time.Now()
+		var m cgroups.Manager
+		var err error
+		cg := &cgroups.Cgroup{Resources: r}
+		if mode == cgpool.ModeV2 {
+			// fs2's Apply assumes the cgroup2 mount is /sys/fs/cgroup, so
+			// create the directory by hand, as it would.
+			dir := filepath.Join(parents[""], name)
+			if err = os.Mkdir(dir, 0o755); err == nil {
+				m, err = fs2.NewManager(cg, dir)
+			}
+		} else {
+			paths := map[string]string{}
+			for k, d := range parents {
+				paths[k] = filepath.Join(d, name)
+			}
+			m, err = fs.NewManager(cg, paths)
+		}
+		if err == nil {
+			if mode == cgpool.ModeV1 {
+				err = m.Apply(-1)
+			}
+			if err == nil {
+				err = m.Set(r)
+			}
+		}
+		t1 := time.Now()
+		if m != nil {
+			err = errors.Join(err, m.Destroy())
+		}
+		return t1.Sub(t0), time.Since(t1), err
+	}), nil
+}
+
+// libResources is the spec as runc's libcontainer would hand it to the
+// cgroup manager, with the same memory overhead the pool adds.
+func libResources(res *specs.LinuxResources) *cgroups.Resources {
+	r := &cgroups.Resources{}
+	if res.Memory != nil {
+		r.Memory = *res.Memory.Limit + overhead
+	}
+	if res.CPU != nil {
+		r.CpuShares, r.CpuQuota, r.CpuPeriod = *res.CPU.Shares, *res.CPU.Quota, *res.CPU.Period
+	}
+	if res.Pids != nil {
+		l := *res.Pids.Limit
+		r.PidsLimit = &l
+	}
+	return r
+}
+
+func runPool(root string, mode cgpool.Mode, parent, state string, res *specs.LinuxResources, w, n int) (result, error) {
+	p, err := cgpool.Open(cgpool.Options{
+		Root: root, Parent: parent, StateDir: state, Mode: mode, MemoryOverhead: overhead,
+	})
+	if err != nil {
+		return result{}, err
+	}
+	defer p.Close()
+	// Pre-created, as `rund pool init` would: one slot per worker plus the
+	// low-water margin, so the background refill stays idle.
+	if err := p.Init(w + 2*cgpool.DefaultLowWater); err != nil {
+		return result{}, err
+	}
+	ctx := context.Background()
+	r := measure("pool acquire+apply+release", w, n, func(i int) (time.Duration, time.Duration, error) {
+		name := fmt.Sprintf("c-%d", i)
+		t0 := time.Now()
+		_, err := p.Acquire(ctx, name, 0, res)
+		t1 := time.Now()
+		if err != nil {
+			return t1.Sub(t0), 0, err
+		}
+		err = p.Release(name)
+		return t1.Sub(t0), time.Since(t1), err
+	})
+	if st, err := p.Status(); err == nil && (st.Busy != 0 || st.Leaked != 0) {
+		return r, fmt.Errorf("pool left %d busy, %d leaked", st.Busy, st.Leaked)
+	}
+	if err := p.Destroy(false); err != nil {
+		return r, err
+	}
+	return r, nil
+}
+
+func percentiles(d []time.Duration) dist {
+	s := append([]time.Duration(nil), d...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	at := func(q float64) float64 {
+		return float64(s[min(len(s)-1, int(q*float64(len(s))))]) / float64(time.Microsecond)
+	}
+	return dist{P50us: at(0.50), P99us: at(0.99)}
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// procCPU is this process's user+system time, children included.
+func procCPU() time.Duration {
+	var t time.Duration
+	for _, who := range []int{unix.RUSAGE_SELF, unix.RUSAGE_CHILDREN} {
+		var ru unix.Rusage
+		if unix.Getrusage(who, &ru) == nil {
+			t += time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+		}
+	}
+	return t
+}
+
+// hostCPU is the busy time of all CPUs from /proc/stat: it includes the
+// kernel work that cgroup removal defers to kworkers, which the process's
+// own rusage does not see.
+func hostCPU() time.Duration {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	var busy uint64
+	for i, v := range f[1:] {
+		if i == 3 || i == 4 { // idle, iowait
+			continue
+		}
+		x, _ := strconv.ParseUint(v, 10, 64)
+		busy += x
+	}
+	return time.Duration(busy) * (time.Second / 100) // USER_HZ
+}
+
+func print(r run) {
+	fmt.Printf("\ncgroup %s at %s (%d hierarchies); resources: %s\n", r.Mode, r.Root, r.Hierarchies, r.Resources)
+	if r.Note != "" {
+		fmt.Printf("note: %s\n", r.Note)
+	}
+	if len(r.Results) == 0 {
+		return
+	}
+	fmt.Printf("%-28s %7s %6s %10s %11s %11s %11s %11s %11s %11s %9s %9s %4s\n",
+		"method", "workers", "n", "wall ms", "setup p50", "setup p99", "tear p50", "tear p99", "op p50 us", "op p99 us", "proc cpu", "host cpu", "err")
+	for _, x := range r.Results {
+		fmt.Printf("%-28s %7d %6d %10.1f %11.1f %11.1f %11.1f %11.1f %11.1f %11.1f %9.0f %9.0f %4d\n",
+			x.Method, x.Workers, x.N, x.WallMs, x.Setup.P50us, x.Setup.P99us, x.Teardn.P50us, x.Teardn.P99us,
+			x.Op.P50us, x.Op.P99us, x.ProcCPU, x.HostCPU, x.Errors)
+	}
+	for _, s := range r.Speedup {
+		fmt.Println("speedup", s)
+	}
+}
