@@ -26,8 +26,10 @@ mkdir -p "$out/modules"
 rm -f "$out"/modules/*.ko
 cp "$tmp/x/boot/vmlinuz-$ver" "$out/vmlinuz.tmp"
 # Load order matters: dependencies first.
-order="virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
-virtio_blk virtio_console libnvdimm nd_btt nd_pmem nd_virtio virtio_pmem
+# The channel's modules come first so the agent can answer before the disk
+# and pmem drivers finish probing.
+order="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
+virtio_console virtio_blk libnvdimm nd_btt nd_pmem nd_virtio virtio_pmem
 libcrc32c erofs overlay"
 : >"$out/modules/order"
 for m in $order; do
@@ -38,6 +40,14 @@ for m in $order; do
 	fi
 	cp "$f" "$out/modules/$m.ko"
 	echo "$m.ko" >>"$out/modules/order"
+done
+# Check the order: every module's dependencies must come before it.
+seen=" "
+for m in $order; do
+	for d in $(modinfo -F depends "$out/modules/$m.ko" | tr ',' ' '); do
+		case "$seen" in *" $d "*) ;; *) echo "fetch-kernel: $m needs $d loaded first" >&2; exit 1 ;; esac
+	done
+	seen="$seen$m "
 done
 echo "$ver" >"$out/kernel.version"
 mv "$out/vmlinuz.tmp" "$out/vmlinuz"

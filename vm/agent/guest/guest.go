@@ -1,16 +1,58 @@
 // Package guest is the agent that runs as PID 1 inside the microVM: it loads
 // the kernel modules it needs, serves the host over the channel (see
 // vm/agent/proto), builds the container root and runs its processes.
+//
+// The agent is the same static binary as the host CLI. It starts container
+// processes by re-executing itself (/proc/self/exe) with argv[0] set to
+// childArg0: that helper child enters the container root, drops privileges,
+// waits until the agent releases it, then execs the container's program.
+//
+// Layout of the agent's own namespace:
+//
+//	/rund/<id>/lower   the read-only image (erofs or ext4, DAX when asked)
+//	/rund/<id>/upper   the writable ext4 layer (upper/ and work/ inside)
+//	/rund/<id>/root    the container root (overlay, or a bind of lower)
+//	/rund/<id>/files   a tmpfs holding the files bind-mounted from Mount.Data
+//
+// Every helper child gets its own copy of that mount namespace, moves the
+// container root onto / and chroots into it, after detaching every other
+// mount; the initramfs files are deleted once the modules are loaded, so
+// the container sees nothing of the agent.
+//
+// Semantics worth knowing:
+//   - The VM is the isolation boundary: there are no PID, user, network or
+//     IPC namespaces. As with a PID namespace, when stream 1's process exits
+//     every other process is killed before its Exit is sent.
+//   - Each process gets its own copy of the mount namespace: mounts a
+//     container process makes later are not seen by exec'd processes.
+//   - Not done: seccomp, AppArmor/SELinux labels, devices beyond the
+//     standard nodes, cgroup v1 layouts (a cgroup mount is cgroup2, best
+//     effort), /dev/console bound to the terminal. Closing a terminal's
+//     stdin sends ^D. Host directories need a share tag (9p or virtio-fs).
 package guest
 
 import "os"
 
-// IsGuest reports whether this process is the guest agent (PID 1 in the VM)
-// or one of its helper children.
+// childArg0 is the argv[0] of the helper child the agent re-executes to start
+// a container process.
+const childArg0 = "rund-guest-child"
+
+// IsGuest reports whether this process is the guest agent (PID 1 in the VM,
+// started by the kernel as /init) or one of its helper children. It is false
+// for the host CLI, even when that runs as PID 1 of a host container.
 func IsGuest() bool {
-	return os.Getpid() == 1
+	if len(os.Args) == 0 {
+		return false
+	}
+	return (os.Getpid() == 1 && os.Args[0] == "/init") || os.Args[0] == childArg0
 }
 
-// Main runs the agent. It never returns normally: PID 1 powers the VM off.
+// Main runs the agent, or the helper child when re-executed as one. It never
+// returns normally: PID 1 powers the VM off, the helper child execs.
 func Main() {
+	if os.Getpid() != 1 {
+		childMain()
+		return
+	}
+	agentMain()
 }

@@ -1,0 +1,326 @@
+package guest
+
+import (
+	"encoding/binary"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/rund-dev/rund/vm/agent/proto"
+	"golang.org/x/sys/unix"
+)
+
+// agent is PID 1's state.
+type agent struct {
+	w      *proto.Writer
+	reaper *reaper
+
+	modulesDone chan struct{} // closed once loadModules has finished
+	modulesErr  error         // set before modulesDone is closed
+	modulesTime time.Duration
+	bootTime    time.Duration
+
+	mu sync.Mutex
+	// ctr is the container, once Create has built its root.
+	ctr *container
+	// procs are the processes by stream, from Create/Exec until their Exit
+	// was sent.
+	procs map[uint32]*process
+}
+
+func newAgent() *agent {
+	return &agent{
+		reaper:      newReaper(),
+		modulesDone: make(chan struct{}),
+		procs:       make(map[uint32]*process),
+	}
+}
+
+// serve reads frames from the channel forever.
+func (a *agent) serve(port *os.File) {
+	a.w = proto.NewWriter(port)
+	r := proto.NewReader(portReader{port})
+	for {
+		f, err := r.Read()
+		if err != nil {
+			// A malformed frame: the stream cannot be resynchronised in
+			// general, but a new session starts with a new Hello; keep going.
+			consolef("rund-agent: reading frame: %v", err)
+			continue
+		}
+		a.dispatch(f)
+	}
+}
+
+// dispatch handles one host frame. Requests that may block (they wait on a
+// process) run in their own goroutine; data frames are queued in order on
+// their stream.
+func (a *agent) dispatch(f proto.Frame) {
+	switch f.Kind {
+	case proto.KindStdin, proto.KindCloseStdin:
+		a.mu.Lock()
+		p := a.procs[f.Stream]
+		a.mu.Unlock()
+		if p == nil {
+			return
+		}
+		if f.Kind == proto.KindCloseStdin {
+			p.queueStdin(nil)
+		} else if len(f.Payload) > 0 {
+			p.queueStdin(f.Payload)
+		}
+	case proto.KindHello:
+		var h proto.Hello
+		a.decodeThen(f, &h, func() (proto.Reply, error) { return a.hello(h) })
+	case proto.KindCreate:
+		var req proto.CreateRequest
+		if err := f.Decode(&req); err != nil {
+			a.replyErr(f, err)
+			return
+		}
+		p, err := a.register(f.Stream, req.Process)
+		if err != nil {
+			a.replyErr(f, err)
+			return
+		}
+		go func() { r, err := a.create(req, p); a.reply(f, r, err) }()
+	case proto.KindStart:
+		go func() { r, err := a.start(f.Stream); a.reply(f, r, err) }()
+	case proto.KindExec:
+		var req proto.ExecRequest
+		if err := f.Decode(&req); err != nil {
+			a.replyErr(f, err)
+			return
+		}
+		p, err := a.register(f.Stream, req.Process)
+		if err != nil {
+			a.replyErr(f, err)
+			return
+		}
+		go func() { r, err := a.exec(p); a.reply(f, r, err) }()
+	case proto.KindWarmup:
+		var req proto.WarmupRequest
+		if err := f.Decode(&req); err != nil {
+			a.replyErr(f, err)
+			return
+		}
+		go func() { r, err := a.warmup(req); a.reply(f, r, err) }()
+	case proto.KindSignal:
+		var req proto.SignalRequest
+		a.decodeThen(f, &req, func() (proto.Reply, error) { return proto.Reply{}, a.signal(f.Stream, req) })
+	case proto.KindResize:
+		var req proto.ResizeRequest
+		a.decodeThen(f, &req, func() (proto.Reply, error) { return proto.Reply{}, a.resize(f.Stream, req) })
+	case proto.KindPs:
+		a.reply(f, proto.Reply{Pids: containerPids()}, nil)
+	case proto.KindPause:
+		a.reply(f, proto.Reply{}, signalAll(unix.SIGSTOP))
+	case proto.KindResume:
+		a.reply(f, proto.Reply{}, signalAll(unix.SIGCONT))
+	case proto.KindShutdown:
+		go a.shutdown(f)
+	default:
+		a.replyErr(f, fmt.Errorf("unknown frame kind %s", f.Kind))
+	}
+}
+
+// decodeThen decodes f's payload into v, runs fn and replies with its result.
+func (a *agent) decodeThen(f proto.Frame, v any, fn func() (proto.Reply, error)) {
+	if err := f.Decode(v); err != nil {
+		a.replyErr(f, err)
+		return
+	}
+	r, err := fn()
+	a.reply(f, r, err)
+}
+
+// reply answers request f (requests with seq 0 expect no answer).
+func (a *agent) reply(f proto.Frame, r proto.Reply, err error) {
+	if err != nil {
+		r = proto.Reply{Error: err.Error()}
+	}
+	if f.Seq == 0 {
+		if err != nil {
+			a.logf("%s: %v", f.Kind, err)
+		}
+		return
+	}
+	if werr := a.w.WriteJSON(proto.KindReply, f.Stream, f.Seq, r); werr != nil {
+		consolef("rund-agent: replying to %s: %v", f.Kind, werr)
+	}
+}
+
+func (a *agent) replyErr(f proto.Frame, err error) { a.reply(f, proto.Reply{}, err) }
+
+// logf sends a diagnostic to the host (and the console).
+func (a *agent) logf(format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	consolef("rund-agent: %s", msg)
+	if a.w != nil {
+		_ = a.w.Write(proto.Frame{Kind: proto.KindLog, Payload: []byte(msg)})
+	}
+}
+
+// hello takes the identity the host gives this (possibly cloned) VM.
+func (a *agent) hello(h proto.Hello) (proto.Reply, error) {
+	if h.Version != proto.Version {
+		return proto.Reply{}, fmt.Errorf("protocol version %d, agent speaks %d", h.Version, proto.Version)
+	}
+	if h.TimeUnixNano != 0 {
+		ts := unix.NsecToTimespec(h.TimeUnixNano)
+		if err := unix.ClockSettime(unix.CLOCK_REALTIME, &ts); err != nil {
+			return proto.Reply{}, fmt.Errorf("setting the clock: %w", err)
+		}
+	}
+	if len(h.Seed) > 0 {
+		if err := addEntropy(h.Seed); err != nil {
+			return proto.Reply{}, err
+		}
+	}
+	if h.Hostname != "" {
+		if err := unix.Sethostname([]byte(h.Hostname)); err != nil {
+			return proto.Reply{}, fmt.Errorf("setting hostname: %w", err)
+		}
+	}
+	// A clone's disks have other backing files than its template's: forget
+	// whatever the template cached of them.
+	flushBlockDevices()
+	info := fmt.Sprintf("agent serving %v after start", a.bootTime.Round(time.Millisecond))
+	a.logf("hello: %s", info)
+	return proto.Reply{Version: proto.Version, Info: info}, nil
+}
+
+// addEntropy mixes seed into the kernel RNG and credits it.
+func addEntropy(seed []byte) error {
+	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("reseeding the RNG: %w", err)
+	}
+	defer f.Close()
+	// struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+	buf := make([]byte, 8+(len(seed)+3)/4*4)
+	binary.NativeEndian.PutUint32(buf[0:], uint32(len(seed)*8))
+	binary.NativeEndian.PutUint32(buf[4:], uint32(len(seed)))
+	copy(buf[8:], seed)
+	if err := ioctlPtr(int(f.Fd()), unix.RNDADDENTROPY, &buf[0]); err != nil {
+		return fmt.Errorf("reseeding the RNG: %w", err)
+	}
+	return nil
+}
+
+// flushBlockDevices drops the buffer cache of every virtio disk and pmem.
+func flushBlockDevices() {
+	for _, pat := range []string{"/dev/vd*", "/dev/pmem*"} {
+		devs, _ := filepath.Glob(pat)
+		for _, d := range devs {
+			fd, err := unix.Open(d, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+			if err != nil {
+				continue
+			}
+			_ = unix.IoctlSetInt(fd, unix.BLKFLSBUF, 0)
+			unix.Close(fd)
+		}
+	}
+}
+
+// signal delivers a signal to a stream's process, or to every container
+// process.
+func (a *agent) signal(stream uint32, req proto.SignalRequest) error {
+	if req.All {
+		return signalAll(unix.Signal(req.Signal))
+	}
+	a.mu.Lock()
+	p := a.procs[stream]
+	a.mu.Unlock()
+	if p == nil || p.pid == 0 {
+		return fmt.Errorf("signal %d: no process on stream %d", req.Signal, stream)
+	}
+	if err := unix.Kill(p.pid, unix.Signal(req.Signal)); err != nil {
+		return fmt.Errorf("signal %d to pid %d: %w", req.Signal, p.pid, err)
+	}
+	return nil
+}
+
+// signalAll signals every process but the agent (kernel threads ignore it).
+func signalAll(sig unix.Signal) error {
+	if err := unix.Kill(-1, sig); err != nil && err != unix.ESRCH {
+		return fmt.Errorf("signal %d to all processes: %w", sig, err)
+	}
+	return nil
+}
+
+func (a *agent) resize(stream uint32, req proto.ResizeRequest) error {
+	a.mu.Lock()
+	p := a.procs[stream]
+	a.mu.Unlock()
+	if p == nil || p.stdio == nil || p.stdio.pty == nil {
+		return fmt.Errorf("resize: no terminal on stream %d", stream)
+	}
+	return p.stdio.resize(req.Rows, req.Cols)
+}
+
+// containerPids lists every live process but the agent and kernel threads
+// (zombies, already dead, are left out).
+func containerPids() []int {
+	ents, _ := os.ReadDir("/proc")
+	pids := []int{}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == 1 || !isContainerProcess(pid) {
+			continue
+		}
+		pids = append(pids, pid)
+	}
+	return pids
+}
+
+// isContainerProcess reports whether pid is a live user process.
+func isContainerProcess(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false // gone
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return false
+	}
+	// Fields after the command: state ppid pgrp session tty tpgid flags ...
+	f := strings.Fields(s[i+1:])
+	if len(f) < 7 || f[0] == "Z" || f[0] == "X" {
+		return false
+	}
+	flags, _ := strconv.ParseUint(f[6], 10, 64)
+	const pfKthread = 0x00200000
+	return flags&pfKthread == 0
+}
+
+// killAll SIGKILLs every container process and waits, up to timeout, until
+// they are gone.
+func killAll(timeout time.Duration) {
+	_ = signalAll(unix.SIGKILL)
+	deadline := time.Now().Add(timeout)
+	for len(containerPids()) > 0 && time.Now().Before(deadline) {
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// shutdown kills every container process, unmounts, syncs and powers off.
+func (a *agent) shutdown(f proto.Frame) {
+	killAll(time.Second)
+	a.mu.Lock()
+	c := a.ctr
+	a.mu.Unlock()
+	if c != nil {
+		if err := c.teardown(); err != nil {
+			a.logf("shutdown: %v", err)
+		}
+	}
+	unix.Sync()
+	a.reply(f, proto.Reply{}, nil)
+	powerOff()
+}

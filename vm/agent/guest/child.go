@@ -1,0 +1,251 @@
+package guest
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+
+	"github.com/rund-dev/rund/vm/agent/proto"
+	"golang.org/x/sys/unix"
+)
+
+// childSockFd is the helper child's end of the sync socket.
+const childSockFd = 3
+
+const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// childMain is the helper child: it gets its config from the agent, enters
+// the container and drops privileges, tells the agent it is ready, waits to
+// be released and execs the container's program. Credentials are per thread
+// in Linux: everything runs on one locked thread, which is the one that
+// execs.
+func childMain() {
+	runtime.LockOSThread()
+	// Inherited fds lose close-on-exec; the agent learns that exec happened
+	// from this socket closing.
+	unix.CloseOnExec(childSockFd)
+	sock := os.NewFile(childSockFd, "sync")
+	var cfg childConfig
+	if err := json.NewDecoder(sock).Decode(&cfg); err != nil {
+		childFail(fmt.Errorf("reading config: %w", err), 1)
+	}
+	exe, err := setupChild(cfg)
+	if err != nil {
+		childFail(err, 1)
+	}
+	childSend(childMsg{Ready: true})
+	var b [1]byte
+	for {
+		n, err := unix.Read(childSockFd, b[:])
+		if err == unix.EINTR {
+			continue
+		}
+		if n != 1 {
+			os.Exit(1) // the agent gave up on us
+		}
+		break
+	}
+	env := cfg.Process.Env
+	if env == nil {
+		env = []string{}
+	}
+	err = unix.Exec(exe, cfg.Process.Args, env)
+	childFail(fmt.Errorf("exec %s: %w", cfg.Process.Args[0], err), 127)
+}
+
+func childSend(m childMsg) {
+	b, _ := json.Marshal(m)
+	b = append(b, '\n')
+	for len(b) > 0 {
+		n, err := unix.Write(childSockFd, b)
+		if err != nil && err != unix.EINTR {
+			return
+		}
+		if n > 0 {
+			b = b[n:]
+		}
+	}
+}
+
+func childFail(err error, status int) {
+	childSend(childMsg{Error: err.Error()})
+	os.Exit(status)
+}
+
+// setupChild does everything but exec, and returns the program to exec.
+func setupChild(cfg childConfig) (string, error) {
+	p := cfg.Process
+	if err := enterRoot(cfg.Root); err != nil {
+		return "", fmt.Errorf("entering the container root: %w", err)
+	}
+	if err := setRlimits(p.Rlimits); err != nil {
+		return "", err
+	}
+	if err := setCredentials(p, cfg.CapLast); err != nil {
+		return "", err
+	}
+	umask := 0o022
+	if p.Umask != nil {
+		umask = int(*p.Umask)
+	}
+	unix.Umask(umask)
+	cwd := p.Cwd
+	if cwd == "" {
+		cwd = "/"
+	}
+	if err := unix.Chdir(cwd); err != nil {
+		return "", fmt.Errorf("chdir to cwd (%q) set in config.json: %w", cwd, err)
+	}
+	exe, err := lookPath(p.Args[0], p.Env)
+	if err != nil {
+		return "", err
+	}
+	if p.NoNewPrivileges {
+		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			return "", fmt.Errorf("setting no_new_privs: %w", err)
+		}
+	}
+	return exe, nil
+}
+
+// enterRoot makes root the process's / in its own mount namespace (the
+// helper was cloned with CLONE_NEWNS). The initramfs cannot be pivoted away
+// from, so the root is moved over / and chrooted into, after detaching every
+// mount that is not the container's.
+func enterRoot(root string) error {
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("making mounts private: %w", err)
+	}
+	var other []string
+	for _, mp := range mountPoints() {
+		if mp == "/" || mp == root || strings.HasPrefix(mp, root+"/") || strings.HasPrefix(root, mp+"/") {
+			continue
+		}
+		other = append(other, mp)
+	}
+	sort.SliceStable(other, func(i, j int) bool { return len(other[i]) > len(other[j]) })
+	for _, mp := range other {
+		_ = unix.Unmount(mp, unix.MNT_DETACH)
+	}
+	if err := unix.Chdir(root); err != nil {
+		return err
+	}
+	if err := unix.Mount(root, "/", "", unix.MS_MOVE, ""); err != nil {
+		return fmt.Errorf("moving the root: %w", err)
+	}
+	if err := unix.Chroot("."); err != nil {
+		return fmt.Errorf("chroot: %w", err)
+	}
+	return unix.Chdir("/")
+}
+
+var rlimitTypes = map[string]int{
+	"RLIMIT_CPU": unix.RLIMIT_CPU, "RLIMIT_FSIZE": unix.RLIMIT_FSIZE,
+	"RLIMIT_DATA": unix.RLIMIT_DATA, "RLIMIT_STACK": unix.RLIMIT_STACK,
+	"RLIMIT_CORE": unix.RLIMIT_CORE, "RLIMIT_RSS": unix.RLIMIT_RSS,
+	"RLIMIT_NPROC": unix.RLIMIT_NPROC, "RLIMIT_NOFILE": unix.RLIMIT_NOFILE,
+	"RLIMIT_MEMLOCK": unix.RLIMIT_MEMLOCK, "RLIMIT_AS": unix.RLIMIT_AS,
+	"RLIMIT_LOCKS": unix.RLIMIT_LOCKS, "RLIMIT_SIGPENDING": unix.RLIMIT_SIGPENDING,
+	"RLIMIT_MSGQUEUE": unix.RLIMIT_MSGQUEUE, "RLIMIT_NICE": unix.RLIMIT_NICE,
+	"RLIMIT_RTPRIO": unix.RLIMIT_RTPRIO, "RLIMIT_RTTIME": unix.RLIMIT_RTTIME,
+}
+
+func setRlimits(limits []proto.Rlimit) error {
+	for _, l := range limits {
+		res, ok := rlimitTypes[l.Type]
+		if !ok {
+			return fmt.Errorf("unknown rlimit %q", l.Type)
+		}
+		// unix.Setrlimit also tells the Go runtime not to restore its own
+		// RLIMIT_NOFILE at exec.
+		if err := unix.Setrlimit(res, &unix.Rlimit{Cur: l.Soft, Max: l.Hard}); err != nil {
+			return fmt.Errorf("setting %s: %w", l.Type, err)
+		}
+	}
+	return nil
+}
+
+// setCredentials switches to the process's user and groups and sets its
+// capabilities, on the current (locked) thread only.
+func setCredentials(p proto.Process, last int) error {
+	caps := p.Capabilities
+	if caps != nil {
+		if err := dropBounding(caps.Bounding, last); err != nil {
+			return err
+		}
+		if p.UID != 0 {
+			if err := unix.Prctl(unix.PR_SET_KEEPCAPS, 1, 0, 0, 0); err != nil {
+				return fmt.Errorf("setting keepcaps: %w", err)
+			}
+		}
+	}
+	if err := setgroupsThread(p.AdditionalGids); err != nil {
+		return fmt.Errorf("setgroups: %w", err)
+	}
+	if _, _, e := unix.RawSyscall(unix.SYS_SETRESGID, uintptr(p.GID), uintptr(p.GID), uintptr(p.GID)); e != 0 {
+		return fmt.Errorf("setgid %d: %w", p.GID, e)
+	}
+	if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(p.UID), uintptr(p.UID), uintptr(p.UID)); e != 0 {
+		return fmt.Errorf("setuid %d: %w", p.UID, e)
+	}
+	if caps == nil {
+		return nil
+	}
+	if p.UID != 0 {
+		_ = unix.Prctl(unix.PR_SET_KEEPCAPS, 0, 0, 0, 0)
+	}
+	return setCaps(caps, last)
+}
+
+// lookPath finds the program as execvp would, on the container's PATH.
+func lookPath(arg0 string, env []string) (string, error) {
+	if strings.Contains(arg0, "/") {
+		if err := checkExecutable(arg0); err != nil {
+			return "", fmt.Errorf("exec: %q: %w", arg0, err)
+		}
+		return arg0, nil
+	}
+	pathEnv := defaultPath
+	for _, e := range env {
+		if v, ok := strings.CutPrefix(e, "PATH="); ok {
+			pathEnv = v
+		}
+	}
+	var denied error
+	for _, dir := range filepath.SplitList(pathEnv) {
+		if dir == "" {
+			dir = "."
+		}
+		p := filepath.Join(dir, arg0)
+		err := checkExecutable(p)
+		if err == nil {
+			return p, nil
+		}
+		if errors.Is(err, unix.EACCES) && denied == nil {
+			denied = err
+		}
+	}
+	if denied != nil {
+		return "", fmt.Errorf("exec: %q: %w", arg0, denied)
+	}
+	return "", fmt.Errorf("exec: %q: executable file not found in $PATH", arg0)
+}
+
+func checkExecutable(p string) error {
+	var st unix.Stat_t
+	if err := unix.Stat(p, &st); err != nil {
+		return &os.PathError{Op: "stat", Path: p, Err: err}
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+		return &os.PathError{Op: "exec", Path: p, Err: unix.EACCES}
+	}
+	if err := unix.Faccessat(unix.AT_FDCWD, p, unix.X_OK, unix.AT_EACCESS); err != nil {
+		return &os.PathError{Op: "exec", Path: p, Err: err}
+	}
+	return nil
+}

@@ -1,0 +1,303 @@
+package guest
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/rund-dev/rund/vm/agent/proto"
+	"golang.org/x/sys/unix"
+)
+
+// process is a container process on one stream, from Create/Exec until its
+// Exit is sent.
+type process struct {
+	stream uint32
+	spec   proto.Process
+
+	pid    int
+	stdio  *stdio
+	exitCh <-chan int
+
+	// sock talks to the helper child: it sends childMsg lines; the agent
+	// sends one byte to release it into exec.
+	sock *os.File
+	dec  *json.Decoder
+
+	qmu     sync.Mutex
+	qclosed bool
+	stdinQ  chan []byte
+
+	startOnce sync.Once
+	startErr  error
+}
+
+// childConfig is what the agent sends the helper child.
+type childConfig struct {
+	Root    string        `json:"root"`
+	Process proto.Process `json:"process"`
+	// CapLast is the highest capability the kernel knows.
+	CapLast int `json:"capLast"`
+}
+
+// childMsg is what the helper child sends back: Ready once it is set up and
+// blocked, or Error.
+type childMsg struct {
+	Ready bool   `json:"ready,omitempty"`
+	Error string `json:"error,omitempty"`
+}
+
+// register reserves a stream for a new process. Stdin frames that arrive
+// before the process is started are queued.
+func (a *agent) register(stream uint32, spec proto.Process) (*process, error) {
+	if len(spec.Args) == 0 {
+		return nil, errors.New("process has no args")
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if _, ok := a.procs[stream]; ok {
+		return nil, fmt.Errorf("stream %d is in use", stream)
+	}
+	p := &process{stream: stream, spec: spec, stdinQ: make(chan []byte, 256)}
+	a.procs[stream] = p
+	return p, nil
+}
+
+func (a *agent) unregister(p *process) {
+	a.mu.Lock()
+	if a.procs[p.stream] == p {
+		delete(a.procs, p.stream)
+	}
+	a.mu.Unlock()
+	p.closeStdinQueue()
+}
+
+// queueStdin queues input for the process; nil closes its stdin.
+func (p *process) queueStdin(b []byte) {
+	p.qmu.Lock()
+	defer p.qmu.Unlock()
+	if p.qclosed {
+		return
+	}
+	p.stdinQ <- b
+}
+
+func (p *process) closeStdinQueue() {
+	p.qmu.Lock()
+	defer p.qmu.Unlock()
+	if !p.qclosed {
+		p.qclosed = true
+		close(p.stdinQ)
+	}
+}
+
+// spawn starts the helper child for p in the container root, and returns once
+// the child is set up and blocked before exec.
+func (a *agent) spawn(p *process, root string) error {
+	st, err := newStdio(p.spec, ptmxFor(root))
+	if err != nil {
+		return err
+	}
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		st.closeAll()
+		return fmt.Errorf("making sync socket: %w", err)
+	}
+	_ = unix.SetNonblock(fds[0], true)
+	sock := os.NewFile(uintptr(fds[0]), "sync")
+	attr := &syscall.ProcAttr{
+		Dir:   "/",
+		Env:   []string{},
+		Files: append(st.childFds(), uintptr(fds[1])),
+		Sys: &syscall.SysProcAttr{
+			Setsid:     true,
+			Setctty:    p.spec.Terminal,
+			Ctty:       0,
+			Cloneflags: unix.CLONE_NEWNS,
+		},
+	}
+	pid, exitCh, err := a.reaper.start(func() (int, error) {
+		return syscall.ForkExec("/proc/self/exe", []string{childArg0}, attr)
+	})
+	unix.Close(fds[1])
+	st.closeChild()
+	if err != nil {
+		st.closeAll()
+		sock.Close()
+		return fmt.Errorf("starting helper: %w", err)
+	}
+	p.pid, p.stdio, p.exitCh, p.sock = pid, st, exitCh, sock
+	p.dec = json.NewDecoder(sock)
+	st.relay(a.w, p.stream)
+	go st.writeStdin(p.stdinQ)
+
+	cfg := childConfig{Root: root, Process: p.spec, CapLast: capLast()}
+	if err := json.NewEncoder(sock).Encode(cfg); err != nil {
+		return p.failed(fmt.Errorf("sending config to helper: %w", err))
+	}
+	var msg childMsg
+	if err := p.dec.Decode(&msg); err != nil {
+		return p.failed(p.helperDied(err))
+	}
+	if msg.Error != "" {
+		return p.failed(errors.New(msg.Error))
+	}
+	return nil
+}
+
+// helperDied describes a helper that closed its socket unexpectedly.
+func (p *process) helperDied(err error) error {
+	if !errors.Is(err, io.EOF) {
+		return fmt.Errorf("reading from helper: %w", err)
+	}
+	select {
+	case st := <-p.exitCh:
+		return fmt.Errorf("container process setup: helper exited with status %d", st)
+	case <-time.After(time.Second):
+		return errors.New("container process setup: helper closed its channel")
+	}
+}
+
+// failed cleans up after a helper that did not get ready.
+func (p *process) failed(err error) error {
+	_ = unix.Kill(p.pid, unix.SIGKILL)
+	p.sock.Close()
+	p.stdio.drain(100 * time.Millisecond)
+	p.stdio.closeAll()
+	return err
+}
+
+// release lets the helper exec and waits for the outcome.
+func (p *process) release() error {
+	p.startOnce.Do(func() {
+		defer p.sock.Close()
+		if _, err := p.sock.Write([]byte{1}); err != nil {
+			// The helper is gone (killed before start): its Exit follows.
+			return
+		}
+		var msg childMsg
+		err := p.dec.Decode(&msg)
+		switch {
+		case errors.Is(err, io.EOF):
+			// The socket is close-on-exec: EOF means exec happened.
+		case err != nil:
+			p.startErr = fmt.Errorf("reading from helper: %w", err)
+		case msg.Error != "":
+			p.startErr = errors.New(msg.Error)
+		}
+	})
+	return p.startErr
+}
+
+// watch waits for the process to exit, drains its output and reports Exit.
+func (a *agent) watch(p *process) {
+	status := <-p.exitCh
+	if p.stream == proto.InitStream {
+		// As with a PID namespace: when the container's init exits, every
+		// other container process is killed.
+		killAll(time.Second)
+		a.mu.Lock()
+		if a.ctr != nil {
+			a.ctr.initExited = true
+		}
+		a.mu.Unlock()
+	}
+	p.stdio.drain(time.Second)
+	p.closeStdinQueue()
+	p.stdio.closeAll()
+	a.unregister(p)
+	if err := a.w.WriteJSON(proto.KindExit, p.stream, 0, proto.ExitMessage{Status: status}); err != nil {
+		consolef("rund-agent: sending exit of stream %d: %v", p.stream, err)
+	}
+}
+
+// create builds the container and starts its init process, held before exec.
+func (a *agent) create(req proto.CreateRequest, p *process) (proto.Reply, error) {
+	<-a.modulesDone
+	a.mu.Lock()
+	if a.ctr != nil {
+		a.mu.Unlock()
+		a.unregister(p)
+		return proto.Reply{}, fmt.Errorf("create %s: container %s already exists", req.ID, a.ctr.id)
+	}
+	a.mu.Unlock()
+	c, err := buildContainer(req, a.logf)
+	if err != nil {
+		a.unregister(p)
+		if a.modulesErr != nil {
+			err = fmt.Errorf("%w (%v)", err, a.modulesErr)
+		}
+		return proto.Reply{}, fmt.Errorf("create %s: %w", req.ID, err)
+	}
+	if err := a.spawn(p, c.root); err != nil {
+		a.unregister(p)
+		if terr := c.teardown(); terr != nil {
+			a.logf("create %s: %v", req.ID, terr)
+		}
+		return proto.Reply{}, fmt.Errorf("create %s: %w", req.ID, err)
+	}
+	a.mu.Lock()
+	a.ctr = c
+	a.mu.Unlock()
+	go a.watch(p)
+	return proto.Reply{Pid: p.pid}, nil
+}
+
+// start releases the init process into exec.
+func (a *agent) start(stream uint32) (proto.Reply, error) {
+	a.mu.Lock()
+	p := a.procs[stream]
+	a.mu.Unlock()
+	if p == nil || p.sock == nil {
+		return proto.Reply{}, fmt.Errorf("start: no created process on stream %d", stream)
+	}
+	if err := p.release(); err != nil {
+		return proto.Reply{}, fmt.Errorf("start: %w", err)
+	}
+	return proto.Reply{}, nil
+}
+
+// exec runs another process in the container, at once.
+func (a *agent) exec(p *process) (proto.Reply, error) {
+	a.mu.Lock()
+	c := a.ctr
+	exited := c != nil && c.initExited
+	a.mu.Unlock()
+	if c == nil {
+		a.unregister(p)
+		return proto.Reply{}, errors.New("exec: no container")
+	}
+	if exited {
+		a.unregister(p)
+		return proto.Reply{}, errors.New("exec: the container's init process has exited")
+	}
+	if err := a.spawn(p, c.root); err != nil {
+		a.unregister(p)
+		return proto.Reply{}, fmt.Errorf("exec: %w", err)
+	}
+	go a.watch(p)
+	if err := p.release(); err != nil {
+		return proto.Reply{}, fmt.Errorf("exec: %w", err)
+	}
+	return proto.Reply{Pid: p.pid}, nil
+}
+
+// capLast is the highest capability number the kernel knows.
+func capLast() int {
+	b, err := os.ReadFile("/proc/sys/kernel/cap_last_cap")
+	if err != nil {
+		return lastKnownCap
+	}
+	n := 0
+	for _, c := range b {
+		if c >= '0' && c <= '9' {
+			n = n*10 + int(c-'0')
+		}
+	}
+	return n
+}
