@@ -52,5 +52,9 @@ test-unit:
 test-integration: all
 	RUND=$(CURDIR)/$(BIN)/rund $(GO) test -count=1 -tags integration -timeout 40m -v ./integration/ 2>&1 | tee $(BIN)/integration.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)' ; exit $${PIPESTATUS[0]}
 
+# The OCI runtime-tools validation suite, against runc and rund.
+test-oci: all
+	hack/test-oci.sh
+
 clean:
 	rm -rf $(BIN)

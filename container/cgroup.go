@@ -52,6 +52,25 @@ func prepareCgroup(ctx context.Context, o CreateOptions, s *specs.Spec, st *Stat
 	return nil
 }
 
+// handOverCgroup makes the shim the owner of the container's cgroup lease:
+// a lease whose owner is dead is reclaimed (and what runs in it killed) by
+// the next acquire, and create exits right after this.
+func handOverCgroup(st *State, shimPid int) error {
+	if !st.CgroupPooled {
+		return nil
+	}
+	pool, err := cgpool.Open(cgpool.Options{Parent: st.CgroupParent, LowWater: -1})
+	if err != nil {
+		return fmt.Errorf("opening cgroup pool %s: %w", st.CgroupParent, err)
+	}
+	defer pool.Close()
+	lease, err := pool.Lease(st.CgroupName)
+	if err != nil {
+		return fmt.Errorf("cgroup lease of %s: %w", st.ID, err)
+	}
+	return lease.SetOwner(shimPid)
+}
+
 // hostResources maps the spec's resources onto the host cgroup that holds
 // the VMM: the memory limit must leave room for the whole guest's memory
 // plus the VMM's overhead (the guest enforces the container's own limit by

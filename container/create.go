@@ -85,10 +85,12 @@ func Create(ctx context.Context, o CreateOptions) (*State, error) {
 	if err := st.saveLocked(o.Root); err != nil {
 		return nil, err
 	}
+	t0 := time.Now()
 	launch, files, err := prepare(ctx, o, spec, st, &undo)
 	if err != nil {
 		return nil, err
 	}
+	logrus.Debugf("create %s: rootfs and cgroup ready in %s", o.ID, time.Since(t0))
 	ready, shim, err := startShim(ctx, o, launch, files, spec.Process.Terminal)
 	for _, f := range files {
 		f.Close()
@@ -97,6 +99,9 @@ func Create(ctx context.Context, o CreateOptions) (*State, error) {
 		undo.Add(func() { shim.Signal(syscall.SIGKILL); waitGone(shim, 5*time.Second) })
 	}
 	if err != nil {
+		return nil, err
+	}
+	if err := handOverCgroup(st, shim.Pid); err != nil {
 		return nil, err
 	}
 	st.Shim = NewProc(shim.Pid)

@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -62,12 +63,42 @@ type env struct {
 	cfg  string
 }
 
+// Shared by every test: images and templates are built once per run.
+const (
+	testDataDir = "/var/tmp/rund-integration"
+	testMemDir  = "/dev/shm/rund-integration"
+)
+
+// baseConfig is the configuration every test starts from.
+func baseConfig() []string {
+	return []string{
+		fmt.Sprintf("data_dir = %q", testDataDir),
+		fmt.Sprintf("mem_dir = %q", testMemDir),
+	}
+}
+
+// TestMain builds the template once, so no test's output carries the
+// first-use message, and removes the shared data afterwards.
+func TestMain(m *testing.M) {
+	if bin := os.Getenv("RUND"); bin != "" && os.Geteuid() == 0 {
+		cfg := filepath.Join(os.TempDir(), "rund-integration.toml")
+		os.WriteFile(cfg, []byte(strings.Join(baseConfig(), "\n")+"\n"), 0o644)
+		if out, err := exec.Command(bin, "--config", cfg, "template", "build").CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "rund template build: %v\n%s", err, out)
+		}
+	}
+	code := m.Run()
+	os.RemoveAll(testMemDir)
+	os.RemoveAll(testDataDir)
+	os.Exit(code)
+}
+
 func newEnv(t *testing.T, configLines ...string) *env {
 	t.Helper()
 	requires(t, "root", "qemu")
 	dir := t.TempDir()
 	e := &env{t: t, bin: rund(t), root: filepath.Join(dir, "state"), cfg: filepath.Join(dir, "config.toml")}
-	cfg := strings.Join(configLines, "\n") + "\n"
+	cfg := strings.Join(append(baseConfig(), configLines...), "\n") + "\n"
 	if err := os.WriteFile(e.cfg, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -92,13 +123,15 @@ func (e *env) run(stdin string, args ...string) result {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	c := e.cmd(ctx, args...)
-	var out, errb bytes.Buffer
-	c.Stdout, c.Stderr = &out, &errb
+	// Files, not pipes: a created container keeps its stdio open, and
+	// exec would wait for a pipe's EOF.
+	out, errb := tempFile(e.t), tempFile(e.t)
+	c.Stdout, c.Stderr = out, errb
 	if stdin != "" {
 		c.Stdin = strings.NewReader(stdin)
 	}
 	err := c.Run()
-	r := result{stdout: out.String(), stderr: errb.String()}
+	r := result{stdout: readBack(e.t, out), stderr: readBack(e.t, errb)}
 	var ee *exec.ExitError
 	switch {
 	case errors.As(err, &ee):
@@ -107,6 +140,25 @@ func (e *env) run(stdin string, args ...string) result {
 		e.t.Fatalf("rund %v: %v", args, err)
 	}
 	return r
+}
+
+func tempFile(t *testing.T) *os.File {
+	t.Helper()
+	f, err := os.CreateTemp(t.TempDir(), "out")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+func readBack(t *testing.T, f *os.File) string {
+	t.Helper()
+	b, err := os.ReadFile(f.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }
 
 // ok runs rund and fails the test unless it exits 0.
@@ -150,6 +202,16 @@ func (e *env) waitStatus(id, want string) {
 // shim processes, no mounts.
 func (e *env) checkNoLeaks() {
 	t := e.t
+	if t.Failed() {
+		// Don't let one failure leak into the next test.
+		if ents, err := os.ReadDir(e.root); err == nil {
+			for _, en := range ents {
+				if en.Name() != ".vm" {
+					e.cmd(context.Background(), "delete", "--force", en.Name()).Run()
+				}
+			}
+		}
+	}
 	if ents, err := os.ReadDir(e.root); err == nil {
 		for _, en := range ents {
 			if en.Name() == ".vm" {

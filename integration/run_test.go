@@ -3,7 +3,6 @@
 package integration
 
 import (
-	"bytes"
 	"crypto/rand"
 	"crypto/sha256"
 	"fmt"
@@ -65,15 +64,12 @@ func TestRunLargeOutput(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(b, "rootfs/data/blob"), blob, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	c := e.cmd(t.Context(), "run", "--bundle", b, "large")
-	var out bytes.Buffer
-	c.Stdout = &out
-	c.Stderr = os.Stderr
-	if err := c.Run(); err != nil {
-		t.Fatalf("run: %v", err)
+	r := e.run("", "run", "--bundle", b, "large")
+	if r.code != 0 {
+		t.Fatalf("run: exit %d: %s", r.code, r.stderr)
 	}
-	if got, want := sha256.Sum256(out.Bytes()), sha256.Sum256(blob); got != want || out.Len() != len(blob) {
-		t.Fatalf("output: %d bytes, sha256 %x; want %d bytes, %x", out.Len(), got, len(blob), want)
+	if got, want := sha256.Sum256([]byte(r.stdout)), sha256.Sum256(blob); got != want || len(r.stdout) != len(blob) {
+		t.Fatalf("output: %d bytes, sha256 %x; want %d bytes, %x", len(r.stdout), got, len(blob), want)
 	}
 }
 
