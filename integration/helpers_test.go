@@ -61,6 +61,7 @@ type env struct {
 	bin  string
 	root string
 	cfg  string
+	data string // data_dir, when the test chose its own
 }
 
 // Shared by every test: images and templates are built once per run.
@@ -98,7 +99,21 @@ func newEnv(t *testing.T, configLines ...string) *env {
 	requires(t, "root", "qemu")
 	dir := t.TempDir()
 	e := &env{t: t, bin: rund(t), root: filepath.Join(dir, "state"), cfg: filepath.Join(dir, "config.toml")}
-	cfg := strings.Join(append(baseConfig(), configLines...), "\n") + "\n"
+	// A line of configLines replaces the base line with the same key.
+	lines := configLines
+	for _, b := range baseConfig() {
+		key, _, _ := strings.Cut(b, "=")
+		overridden := false
+		for _, l := range configLines {
+			if k, _, _ := strings.Cut(l, "="); strings.TrimSpace(k) == strings.TrimSpace(key) {
+				overridden = true
+			}
+		}
+		if !overridden {
+			lines = append(lines, b)
+		}
+	}
+	cfg := strings.Join(lines, "\n") + "\n"
 	if err := os.WriteFile(e.cfg, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}

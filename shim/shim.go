@@ -103,6 +103,7 @@ func (s *shim) run(dir string, sync *os.File) (int, error) {
 	if err := joinCgroups(l.CgroupProcs, m.Pid(), os.Getpid()); err != nil {
 		return 0, err
 	}
+	logrus.Debugf("sandbox %s: vm up after %s", l.ID, time.Since(t0))
 	conn, err := m.Dial(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("connecting to the guest agent: %w", err)
@@ -120,6 +121,7 @@ func (s *shim) run(dir string, sync *os.File) (int, error) {
 	if _, err := s.agent.Create(ctx, l.Create, stdio); err != nil {
 		return 0, fmt.Errorf("creating container in the guest: %w", err)
 	}
+	logrus.Debugf("sandbox %s: container created after %s", l.ID, time.Since(t0))
 	ln, err := net.Listen("unix", filepath.Join(dir, shimapi.SocketFile))
 	if err != nil {
 		return 0, fmt.Errorf("listening on control socket: %w", err)

@@ -83,6 +83,13 @@ func BuildTemplate(ctx context.Context, b vm.Backend, cfg vm.Config, writableSiz
 	}
 	cfg.MemPath, cfg.MemShared = memPath, true
 	cfg.ConsoleLog = filepath.Join(ph, "console.log")
+	// The template VM's sockets get a short private directory of their own.
+	vmDir, err := os.MkdirTemp("", "rund-template-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(vmDir)
+	cfg.Dir = vmDir
 	m, err := b.Start(ctx, cfg)
 	if err != nil {
 		return fmt.Errorf("booting template vm: %w", err)
@@ -135,7 +142,7 @@ func EnsureTemplate(ctx context.Context, l *shimapi.Launch) (string, bool, error
 	if err != nil {
 		return "", false, err
 	}
-	s := &shim{launch: *l, vmDir: l.VMDir}
+	s := &shim{launch: *l}
 	cfg, err := s.vmConfig()
 	if err != nil {
 		return "", false, err

@@ -155,7 +155,29 @@ func (s *Store) Ensure(ctx context.Context, key Key, build BuildFunc) (t *Templa
 		return t, false, nil
 	}
 	t, err = s.buildLocked(ctx, key, build)
-	return t, err == nil, err
+	if err != nil {
+		return nil, false, err
+	}
+	s.pruneStale(ctx, key)
+	return t, true, nil
+}
+
+// pruneStale removes templates made from an older version of the same
+// kernel or initramfs file: they can never be used again.
+func (s *Store) pruneStale(ctx context.Context, key Key) {
+	all, err := s.List()
+	if err != nil {
+		return
+	}
+	for _, m := range all {
+		k := m.Key
+		if m.ID == key.ID() || k.Kernel.Path != key.Kernel.Path || k.Initrd.Path != key.Initrd.Path {
+			continue
+		}
+		if k.Kernel != key.Kernel || k.Initrd != key.Initrd {
+			s.Remove(ctx, m.ID)
+		}
+	}
 }
 
 // buildLocked builds the template for key, replacing any stale one.

@@ -143,3 +143,27 @@ func TestRemoveAndList(t *testing.T) {
 		t.Errorf("second Remove: got %v, want ErrNotFound", err)
 	}
 }
+
+func TestStaleTemplatesPruned(t *testing.T) {
+	s := testStore(t)
+	var n atomic.Int32
+	old := Key{Backend: "qemu", Kernel: FileID{Path: "/k", Size: 1, ModTime: 1}, Initrd: FileID{Path: "/i", Size: 1, ModTime: 1}}
+	other := old
+	other.VCPUs = 2 // another shape of the same files: kept
+	s.Ensure(context.Background(), old, fakeBuild(&n))
+	s.Ensure(context.Background(), other, fakeBuild(&n))
+	newer := old
+	newer.Initrd.ModTime = 2 // the initramfs was rebuilt
+	s.Ensure(context.Background(), newer, fakeBuild(&n))
+	l, err := s.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := map[string]bool{}
+	for _, m := range l {
+		ids[m.ID] = true
+	}
+	if ids[old.ID()] || ids[other.ID()] || !ids[newer.ID()] {
+		t.Fatalf("templates after rebuild: %v (old %s, other %s, newer %s)", ids, old.ID(), other.ID(), newer.ID())
+	}
+}
