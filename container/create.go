@@ -138,6 +138,11 @@ func prepare(ctx context.Context, o CreateOptions, spec *specs.Spec, st *State, 
 	l := BaseLaunch(o.Options, o.ID)
 	l.Create = req
 	l.Hypervisor = hypervisorOf(cfg, spec)
+	switch l.Hypervisor {
+	case "qemu", "cloud-hypervisor":
+	default:
+		return nil, nil, fmt.Errorf("annotation %s: unknown hypervisor %q (want qemu or cloud-hypervisor)", AnnotationHypervisor, l.Hypervisor)
+	}
 	if l.Hypervisor == "cloud-hypervisor" {
 		l.VMMBinary = cfg.CloudHypervisorBinary
 	}

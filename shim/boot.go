@@ -11,6 +11,7 @@ import (
 
 	"github.com/rund-dev/rund/internal/shimapi"
 	"github.com/rund-dev/rund/vm"
+	"github.com/rund-dev/rund/vm/cloudhypervisor"
 	"github.com/rund-dev/rund/vm/qemu"
 )
 
@@ -30,6 +31,12 @@ func backendFor(l *shimapi.Launch) (vm.Backend, error) {
 	switch l.Hypervisor {
 	case "qemu", "":
 		return qemu.New(qemu.Options{Binary: l.VMMBinary}), nil
+	case cloudhypervisor.Name:
+		b := cloudhypervisor.New(l.VMMBinary)
+		if err := b.Check(context.Background(), l.Kernel); err != nil {
+			return nil, err
+		}
+		return b, nil
 	default:
 		return nil, fmt.Errorf("hypervisor %q: %w", l.Hypervisor, vm.ErrUnavailable)
 	}
