@@ -9,7 +9,7 @@ GOFLAGS_BUILD := -trimpath
 VERSION   := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X github.com/rund-dev/rund/commands.version=$(VERSION)
 
-.PHONY: all rund guest kernel install test test-unit test-integration test-oci vet fmt lint clean help
+.PHONY: all deps rund guest kernel install test test-unit test-integration test-oci vet fmt lint clean help
 
 all: rund guest
 
@@ -37,6 +37,8 @@ install: all
 	install -D -m 0644 $(GUEST)/vmlinuz $(DESTDIR)$(SHAREDIR)/vmlinuz
 	install -D -m 0644 $(GUEST)/initrd.img $(DESTDIR)$(SHAREDIR)/initrd.img
 
+lint: vet fmt
+
 vet:
 	$(GO) vet ./...
 	$(GO) vet -tags integration ./integration/
@@ -44,7 +46,11 @@ vet:
 fmt:
 	@out=$$(gofmt -l $$(find . -name '*.go' -not -path './bin/*')); if [ -n "$$out" ]; then echo "gofmt:"; echo "$$out"; exit 1; fi
 
-test: all vet fmt test-unit test-integration
+# Debian packages the build and the tests need (idempotent, fast when present).
+deps:
+	hack/install-deps.sh
+
+test: deps all vet fmt test-unit test-integration
 
 test-unit:
 	$(GO) test -count=1 ./...
