@@ -14,6 +14,9 @@ var (
 	ErrCorrupt = errors.New("corrupt pool record")
 	// ErrBusy is returned by Destroy when slots are still leased.
 	ErrBusy = errors.New("pool has busy slots")
+	// ErrControllers is returned by Open when the pool's record was made
+	// for another set of cgroup v1 controllers than Options.Controllers.
+	ErrControllers = errors.New("pool made for other controllers")
 	// ErrInvalidName is returned for a cgroup name that cannot be a single
 	// directory name in the record.
 	ErrInvalidName = errors.New("invalid cgroup name")

@@ -233,16 +233,73 @@ func slotXattrID(dir string) (int, bool) {
 // renameNoReplace renames a directory, never over an existing one. cgroupfs
 // refuses renameat2 flags but never replaces an existing cgroup anyway.
 func renameNoReplace(from, to string, cgroupfs bool) error {
+	return renameAt(unix.AT_FDCWD, from, to, cgroupfs)
+}
+
+// renameAt is renameNoReplace of two names under the directory dirfd: a
+// cached parent fd saves the path walk through the cgroup mount (about
+// half the cost of a cgroup v1 rename here).
+func renameAt(dirfd int, from, to string, cgroupfs bool) error {
 	var err error
 	if cgroupfs {
-		err = unix.Rename(from, to)
+		err = unix.Renameat(dirfd, from, dirfd, to)
 	} else {
-		err = unix.Renameat2(unix.AT_FDCWD, from, unix.AT_FDCWD, to, unix.RENAME_NOREPLACE)
+		err = unix.Renameat2(dirfd, from, dirfd, to, unix.RENAME_NOREPLACE)
 	}
 	if err != nil {
 		return &os.LinkError{Op: "rename", Old: from, New: to, Err: err}
 	}
 	return nil
+}
+
+// AllControllers in Options.Controllers keeps slots in every mounted
+// cgroup v1 hierarchy, as runc's fs manager creates a cgroup in each.
+const AllControllers = "all"
+
+// DefaultControllers are the cgroup v1 controllers a sandbox's VMM needs on
+// the host: its memory, its CPU time and accounting, the CPUs and memory
+// nodes it may use, and its task count. Devices, network and the rest are
+// enforced inside the guest, so a lease needs no cgroup there (RunD's
+// "lightweight cgroup"); every hierarchy left out saves two renames per
+// lease.
+var DefaultControllers = []string{"cpu", "cpuacct", "cpuset", "memory", "pids"}
+
+// selectHierarchies keeps the v1 hierarchies that serve one of want; a
+// controller that is not mounted is skipped (the default set must work on
+// hosts without, say, cpuset), as long as one hierarchy remains.
+func selectHierarchies(hs []hierarchy, want []string) ([]hierarchy, error) {
+	for _, w := range want {
+		if w == AllControllers {
+			return hs, nil
+		}
+	}
+	var out []hierarchy
+	for _, h := range hs {
+		for _, w := range want {
+			if h.has(w) {
+				out = append(out, h)
+				break
+			}
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("none of the controllers %s is mounted", strings.Join(want, ","))
+	}
+	return out, nil
+}
+
+// controllerSet names the hierarchies' controllers, sorted, as the record
+// keeps them: the pool's shape, which every process opening it must share.
+func controllerSet(mode Mode, hs []hierarchy) string {
+	if mode == ModeV2 {
+		return "-"
+	}
+	var all []string
+	for _, h := range hs {
+		all = append(all, h.controllers...)
+	}
+	sort.Strings(all)
+	return strings.Join(all, ",")
 }
 
 func exists(path string) bool {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -53,6 +54,12 @@ type Options struct {
 	// KillTimeout bounds how long Release waits for killed processes to
 	// leave the cgroup (10s).
 	KillTimeout time.Duration
+	// Controllers are the cgroup v1 controllers whose hierarchies hold the
+	// pool's slots (DefaultControllers; AllControllers for every mounted
+	// hierarchy). A pool keeps the set it was created with: an Open that
+	// leaves this nil adopts the record's set, one that names another set
+	// fails with ErrControllers. Ignored on cgroup v2.
+	Controllers []string
 }
 
 // Pool is an open cgroup pool. Its methods are safe for concurrent use by
@@ -62,8 +69,11 @@ type Pool struct {
 	mode    Mode
 	hs      []hierarchy
 	parents []string // the parent cgroup's directory in each hierarchy
-	rec     *record
-	self    owner
+	// pfds are the parents, opened: renames and the emptiness check work
+	// relative to them.
+	pfds []int
+	rec  *record
+	self owner
 
 	// mu serialises this process's goroutines on the record's flock (a
 	// flock excludes open file descriptions, not goroutines sharing one).
@@ -106,7 +116,7 @@ func Open(opts Options) (*Pool, error) {
 		return nil, fmt.Errorf("opening cgroup pool: parent must not be the root cgroup")
 	}
 	opts.Parent = parent
-	mode, hs, err := detect(opts.Root, opts.Mode)
+	mode, all, err := detect(opts.Root, opts.Mode)
 	if err != nil {
 		return nil, fmt.Errorf("opening cgroup pool: %w", err)
 	}
@@ -114,22 +124,71 @@ func Open(opts Options) (*Pool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening cgroup pool: %w", err)
 	}
-	p := &Pool{opts: opts, mode: mode, hs: hs, self: self}
+	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("opening cgroup pool: %w", err)
+	}
+	rec, err := openRecord(recordPath(opts), mode)
+	if err != nil {
+		return nil, err
+	}
+	hs := all
+	if mode == ModeV1 {
+		if hs, err = pickHierarchies(rec, all, opts.Controllers); err != nil {
+			_ = rec.close()
+			return nil, fmt.Errorf("opening cgroup pool %s: %w", parent, err)
+		}
+	}
+	rec.ctrls = controllerSet(mode, hs)
+	p := &Pool{opts: opts, mode: mode, hs: hs, self: self, rec: rec}
 	for _, h := range hs {
 		d := filepath.Join(h.dir, parent)
-		if err := makeParent(h, d); err != nil {
+		err := makeParent(h, d)
+		if err == nil {
+			var fd int
+			fd, err = unix.Open(d, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			if err != nil {
+				err = &os.PathError{Op: "open", Path: d, Err: err}
+			}
+			p.pfds = append(p.pfds, fd)
+		}
+		if err != nil {
+			_ = p.closeFiles()
 			return nil, fmt.Errorf("opening cgroup pool: %w", err)
 		}
 		p.parents = append(p.parents, d)
 	}
-	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
-		return nil, fmt.Errorf("opening cgroup pool: %w", err)
-	}
-	p.rec, err = openRecord(recordPath(opts), mode)
+	return p, nil
+}
+
+// pickHierarchies chooses the v1 hierarchies of a pool: those the record
+// was made with, else those serving want (DefaultControllers if nil).
+func pickHierarchies(rec *record, all []hierarchy, want []string) ([]hierarchy, error) {
+	have, err := rec.controllers()
 	if err != nil {
 		return nil, err
 	}
-	return p, nil
+	if want == nil {
+		want = DefaultControllers
+		if have != "" && have != "-" {
+			want = strings.Split(have, ",")
+		}
+	}
+	hs, err := selectHierarchies(all, want)
+	if err != nil {
+		return nil, err
+	}
+	if got := controllerSet(ModeV1, hs); have != "" && got != have {
+		return nil, fmt.Errorf("%w: record has %s, asked for %s", ErrControllers, have, got)
+	}
+	return hs, nil
+}
+
+func (p *Pool) closeFiles() error {
+	for _, fd := range p.pfds {
+		_ = unix.Close(fd)
+	}
+	p.pfds = nil
+	return p.rec.close()
 }
 
 func makeParent(h hierarchy, dir string) error {
@@ -159,10 +218,22 @@ func (p *Pool) Mode() Mode { return p.mode }
 // Parent returns the pool's parent cgroup, e.g. "/rund".
 func (p *Pool) Parent() string { return p.opts.Parent }
 
+// Controllers returns the controllers whose hierarchies hold the pool's
+// slots, sorted ("" alone on cgroup v2): a lease has a cgroup in these and
+// in no other.
+func (p *Pool) Controllers() []string {
+	var out []string
+	for _, h := range p.hs {
+		out = append(out, h.controllers...)
+	}
+	sort.Strings(out)
+	return out
+}
+
 // Close waits for a background refill and closes the record.
 func (p *Pool) Close() error {
 	p.refillWG.Wait()
-	return p.rec.close()
+	return p.closeFiles()
 }
 
 // withLock runs fn with the record's flock held exclusively and the slots
@@ -211,6 +282,9 @@ func (p *Pool) Acquire(ctx context.Context, name string, ownerPid int, res *spec
 	if err != nil {
 		return nil, err
 	}
+	if err := p.servesFields(mask); err != nil {
+		return nil, fmt.Errorf("acquiring cgroup %q: %w", name, err)
+	}
 	own := p.self
 	if ownerPid != 0 && ownerPid != p.self.pid {
 		if own, err = ownerOf(ownerPid); err != nil {
@@ -218,14 +292,14 @@ func (p *Pool) Acquire(ctx context.Context, name string, ownerPid int, res *spec
 		}
 	}
 	var (
-		mine     slot
-		grow     bool
-		idleLeft int
-		stale    []slot
+		mine, prev slot
+		grow       bool
+		idleLeft   int
+		stale      []slot
 	)
 	err = p.withLock(func(slots []slot) error {
 		var err error
-		mine, grow, idleLeft, stale, err = p.takeLocked(slots, name, own, mask)
+		mine, prev, grow, idleLeft, stale, err = p.takeLocked(slots, name, own, mask, valuesOf(r))
 		return err
 	})
 	if err != nil {
@@ -233,8 +307,8 @@ func (p *Pool) Acquire(ctx context.Context, name string, ownerPid int, res *spec
 	}
 	// Reclaim before renaming: a stale lease may hold this very name.
 	for _, s := range stale {
-		if err := p.cleanup(s); err == nil {
-			_ = p.markIdle(s.id)
+		if err := p.cleanup(s, false); err == nil {
+			_ = p.markIdle(slot{id: s.id})
 		}
 	}
 	switch dir := p.dirName(mine); {
@@ -249,54 +323,91 @@ func (p *Pool) Acquire(ctx context.Context, name string, ownerPid int, res *spec
 	}
 	if err == nil {
 		l := p.lease(mine)
-		if err = applyResources(p.mode, l.paths, r, mask); err == nil {
+		// Write only what differs from the slot's recorded values: the
+		// last lease's limits stay on a released slot (lazy reset) and are
+		// overwritten, or reset, here.
+		reset, apply := plan(prev, mask, valuesOf(r))
+		if reset != 0 {
+			err = resetResources(p.mode, l.paths, reset)
+		}
+		if err == nil {
+			err = applyResources(p.mode, l.paths, restrict(r, apply), apply)
+		}
+		if err == nil {
 			if p.opts.LowWater > 0 && idleLeft < p.opts.LowWater {
 				p.startRefill()
 			}
 			return l, nil
 		}
 	}
-	// Roll back: return the slot to the pool as it is.
-	if cerr := p.cleanup(mine); cerr == nil {
-		_ = p.markIdle(mine.id)
+	// Roll back: return the slot to the pool, reset in full (what was
+	// written is unknown).
+	if cerr := p.cleanup(mine, false); cerr == nil {
+		_ = p.markIdle(slot{id: mine.id})
 	} else {
 		err = errors.Join(err, cerr)
 	}
 	return nil, fmt.Errorf("acquiring cgroup %q: %w", name, err)
 }
 
+// servesFields checks that the pool has a hierarchy for each resource
+// field in m: a limit is never dropped silently.
+func (p *Pool) servesFields(m fieldMask) error {
+	if p.mode == ModeV2 {
+		return nil
+	}
+	for _, fc := range fieldControllers {
+		if m&fc.mask == 0 {
+			continue
+		}
+		found := false
+		for _, h := range p.hs {
+			found = found || h.has(fc.ctrl)
+		}
+		if !found {
+			return fmt.Errorf("%s limits need the %s controller, not in the pool's %s", fc.ctrl, fc.ctrl, strings.Join(p.Controllers(), ","))
+		}
+	}
+	return nil
+}
+
 // livenessProbes is how many other holders each Acquire checks for death
 // on its way; an Acquire that finds no idle slot checks them all.
 const livenessProbes = 2
 
-// takeLocked picks the slot for a new lease of name and records it busy:
-// an idle slot, or a new one when none is idle. On the way it claims, for
-// the caller to clean up, the slots whose holders died: a stale lease of
-// the same name, a few others in turn, and all of them before growing.
+// takeLocked picks the slot for a new lease of name, with fields mask set to
+// vals, and records it busy: an idle slot, or a new one when none is idle;
+// prev is that slot as it was. On the way it claims, for the caller to
+// clean up, the slots whose holders died: a stale lease of the same name, a
+// few others in turn, and all of them before growing.
+//
+// The busy slot's mask covers the fields of both the old and the new
+// values, so that a reclaim after a crash half-way through the writes
+// resets all of them.
 //
 // Preconditions: the record's flock is held exclusively.
-func (p *Pool) takeLocked(slots []slot, name string, own owner, mask fieldMask) (mine slot, grow bool, idleLeft int, stale []slot, err error) {
+func (p *Pool) takeLocked(slots []slot, name string, own owner, mask fieldMask, vals values) (mine, prev slot, grow bool, idleLeft int, stale []slot, err error) {
 	claim := func(s slot) error {
 		s.state, s.owner = stateCleaning, p.self
 		stale = append(stale, s)
 		return p.rec.writeSlotLocked(s)
 	}
 	dead := func(s slot) bool { return s.state != stateIdle && s.owner != p.self && !s.owner.alive() }
-	mine = slot{id: -1, state: stateBusy, owner: own, mask: mask, name: name}
+	mine = slot{id: -1, state: stateBusy, owner: own, mask: mask, set: mask, vals: vals, name: name}
 	for _, s := range slots {
 		switch {
 		case s.state == stateIdle:
 			if mine.id < 0 {
-				mine.id = s.id
+				mine.id, prev = s.id, s
 			} else {
 				idleLeft++
 			}
 		case s.name == name:
 			if !dead(s) {
-				return mine, false, 0, nil, ErrExist
+				return mine, prev, false, 0, nil, ErrExist
 			}
 			if err := claim(s); err != nil {
-				return mine, false, 0, nil, err
+				return mine, prev, false, 0, nil, err
 			}
 		}
 	}
@@ -304,7 +415,7 @@ func (p *Pool) takeLocked(slots []slot, name string, own owner, mask fieldMask) 
 		p.cursor = (p.cursor + 1) % len(slots)
 		if s := slots[p.cursor]; s.name != name && dead(s) {
 			if err := claim(s); err != nil {
-				return mine, false, 0, nil, err
+				return mine, prev, false, 0, nil, err
 			}
 		}
 	}
@@ -312,16 +423,21 @@ func (p *Pool) takeLocked(slots []slot, name string, own owner, mask fieldMask) 
 		for _, s := range slots {
 			if s.name != name && s.state != stateCleaning && dead(s) {
 				if err := claim(s); err != nil {
-					return mine, false, 0, nil, err
+					return mine, prev, false, 0, nil, err
 				}
 			}
 		}
 		if len(slots) >= p.opts.MaxSlots {
-			return mine, false, 0, nil, fmt.Errorf("pool full at %d slots", len(slots))
+			return mine, prev, false, 0, nil, fmt.Errorf("pool full at %d slots", len(slots))
 		}
 		mine.id, grow = len(slots), true
 	}
-	return mine, grow, idleLeft, stale, p.rec.writeSlotLocked(mine)
+	if prev.mask == fieldAll {
+		mine.mask = fieldAll
+	} else {
+		mine.mask |= prev.mask
+	}
+	return mine, prev, grow, idleLeft, stale, p.rec.writeSlotLocked(mine)
 }
 
 // Reclaim cleans up every slot whose holder died and returns how many it
@@ -347,11 +463,11 @@ func (p *Pool) Reclaim() (int, error) {
 	var errs []error
 	n := 0
 	for _, s := range stale {
-		if err := p.cleanup(s); err != nil {
+		if err := p.cleanup(s, false); err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		if err := p.markIdle(s.id); err != nil {
+		if err := p.markIdle(slot{id: s.id}); err != nil {
 			errs = append(errs, err)
 			continue
 		}
@@ -363,23 +479,31 @@ func (p *Pool) Reclaim() (int, error) {
 	return n, nil
 }
 
-// markIdle records a cleaned slot as idle.
-func (p *Pool) markIdle(id int) error {
+// markIdle records a cleaned slot as idle, with the resource fields and
+// values it still holds.
+func (p *Pool) markIdle(s slot) error {
+	s.state, s.owner, s.name = stateIdle, owner{}, ""
 	return p.withLock(func(slots []slot) error {
-		if id >= len(slots) {
-			return fmt.Errorf("slot %d: %w", id, ErrNotExist)
+		if s.id >= len(slots) {
+			return fmt.Errorf("slot %d: %w", s.id, ErrNotExist)
 		}
-		return p.rec.writeSlotLocked(slot{id: id, state: stateIdle})
+		return p.rec.writeSlotLocked(s)
 	})
 }
 
 // Release returns the lease of name to the pool: it kills what is left in
-// the cgroup, resets what Acquire set, renames it back and marks it idle.
-// Releasing a name that holds no lease is not an error, so delete --force
-// may call it with only the name. Do not call it from inside the cgroup.
+// the cgroup, renames it back and marks it idle. The resource values
+// Acquire set stay on the idle slot, kept in the record, and the next
+// Acquire of the slot overwrites or resets them (lazy reset): an idle slot
+// holds no process, so its limits bind nobody. Releasing a name that holds
+// no lease is not an error, so delete --force may call it with only the
+// name. Do not call it from inside the cgroup.
+//
+// The lazy reset trusts the record: the lease's limits must be changed only
+// through this package.
 func (p *Pool) Release(name string) error {
 	var mine slot
-	found := false
+	found, lazy := false, false
 	err := p.withLock(func(slots []slot) error {
 		for _, s := range slots {
 			if s.name != name || s.state == stateIdle {
@@ -388,6 +512,9 @@ func (p *Pool) Release(name string) error {
 			if s.state != stateBusy && s.owner.alive() && s.owner != p.self {
 				return nil // another process is already cleaning it up
 			}
+			// Only a busy slot is as its Acquire left it; one that a dead
+			// process was cleaning up may be half reset.
+			lazy = s.state == stateBusy && s.mask != fieldAll
 			s.state, s.owner = stateCleaning, p.self
 			mine, found = s, true
 			return p.rec.writeSlotLocked(s)
@@ -397,12 +524,16 @@ func (p *Pool) Release(name string) error {
 	if err != nil || !found {
 		return err
 	}
-	if err := p.cleanup(mine); err != nil {
+	if err := p.cleanup(mine, lazy); err != nil {
 		// The slot stays claimed by this process; once it exits, the next
 		// Acquire reclaims it.
 		return fmt.Errorf("releasing cgroup %q: %w", name, err)
 	}
-	return p.markIdle(mine.id)
+	idle := slot{id: mine.id}
+	if lazy {
+		idle.mask, idle.set, idle.vals = mine.set, mine.set, mine.vals
+	}
+	return p.markIdle(idle)
 }
 
 // Lease returns the live lease of name, as another process sees it.
@@ -456,7 +587,7 @@ func (p *Pool) grow(n int) error {
 			errs = append(errs, err)
 			continue
 		}
-		if err := p.markIdle(id); err != nil {
+		if err := p.markIdle(slot{id: id}); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -507,7 +638,7 @@ func (p *Pool) Destroy(force bool) error {
 	}
 	var errs []error
 	for _, s := range all {
-		if err := p.cleanup(s); err != nil {
+		if err := p.cleanup(s, true); err != nil {
 			errs = append(errs, err)
 			continue
 		}

@@ -163,9 +163,21 @@ func TestAcquireRelease(t *testing.T) {
 			if err := p.Release("ctr1"); err != nil {
 				t.Fatalf("second release: got %v, want nil", err)
 			}
-			slotDir := filepath.Join(filepath.Dir(dir), slotName(l.Slot()))
-			if b, err := os.ReadFile(filepath.Join(slotDir, "pids.max")); err != nil || string(b) != "max" {
-				t.Fatalf("pids.max after release: got %q %v, want max", b, err)
+			// The limit stays on the idle slot (lazy reset), and the next
+			// lease of the slot, which asks for none, must not inherit it.
+			l2, err := p.Acquire(context.Background(), "ctr2", 0, nil)
+			if err != nil || l2.Slot() != l.Slot() {
+				t.Fatalf("re-acquire: got %v %v, want slot %d", l2, err, l.Slot())
+			}
+			dir2 := l2.Paths()["pids"]
+			if mode == ModeV2 {
+				dir2 = l2.Paths()[""]
+			}
+			if b, err := os.ReadFile(filepath.Join(dir2, "pids.max")); err != nil || string(b) != "max" {
+				t.Fatalf("pids.max of the next lease: got %q %v, want max", b, err)
+			}
+			if err := p.Release("ctr2"); err != nil {
+				t.Fatal(err)
 			}
 			checkNoLeaks(t, p)
 		})
@@ -326,4 +338,43 @@ func TestDestroy(t *testing.T) {
 			t.Fatalf("%s: got %v after destroy, want nothing", d, names)
 		}
 	}
+}
+
+func TestControllers(t *testing.T) {
+	root, state := fakeTree(t, ModeV1), t.TempDir()
+	p := openPool(t, Options{Root: root, Parent: "p", StateDir: state, LowWater: -1})
+	if got, want := fmt.Sprint(p.Controllers()), "[cpu cpuacct memory pids]"; got != want {
+		t.Fatalf("default: got %v, want %s (no systemd)", got, want)
+	}
+	if err := p.Init(1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "systemd", "p", slotName(0))); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("slot in a hierarchy outside the set: %v", err)
+	}
+	// Another opener with other controllers is refused; one that names
+	// none adopts the pool's set.
+	if _, err := Open(Options{Root: root, Parent: "p", StateDir: state, Controllers: []string{AllControllers}}); !errors.Is(err, ErrControllers) {
+		t.Fatalf("open with all controllers: got %v, want ErrControllers", err)
+	}
+	q := openPool(t, Options{Root: root, Parent: "p", StateDir: state, LowWater: -1})
+	if fmt.Sprint(q.Controllers()) != fmt.Sprint(p.Controllers()) {
+		t.Fatalf("got %v, want the pool's %v", q.Controllers(), p.Controllers())
+	}
+	// A field whose controller the pool left out is an error, not a
+	// silently dropped limit.
+	r := openPool(t, Options{Root: root, Parent: "q", StateDir: state, LowWater: -1, Controllers: []string{"pids"}})
+	pids := int64(5)
+	if _, err := r.Acquire(context.Background(), "c", 0, &specs.LinuxResources{Pids: &specs.LinuxPids{Limit: &pids}}); err != nil {
+		t.Fatal(err)
+	}
+	mem := int64(1 << 20)
+	if _, err := r.Acquire(context.Background(), "d", 0, &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: &mem}}); err == nil {
+		t.Fatal("memory limit on a pool without memory: got no error")
+	}
+	if err := r.Release("c"); err != nil {
+		t.Fatal(err)
+	}
+	checkNoLeaks(t, r)
+	checkNoLeaks(t, q)
 }

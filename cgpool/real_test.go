@@ -197,12 +197,26 @@ func TestRealResourcesAndKill(t *testing.T) {
 				t.Fatalf("process left in the cgroup: got %v, want killed by SIGKILL", err)
 			}
 			if rt.mode == ModeV1 {
-				slot := filepath.Join(filepath.Dir(paths["memory"]), slotName(l.Slot()))
-				if got := readTrim(t, slot, "memory.limit_in_bytes"); got != "9223372036854771712" {
-					t.Errorf("memory limit after release: got %s, want unlimited", got)
+				// The limits stay on the idle slot (lazy reset); the next
+				// lease of the slot, which asks for none, must not see them.
+				next, err := p.Acquire(context.Background(), "next", 0, nil)
+				if err != nil || next.Slot() != l.Slot() {
+					t.Fatalf("re-acquire: got %v %v, want slot %d", next, err, l.Slot())
 				}
-				if got := readTrim(t, filepath.Join(filepath.Dir(paths["pids"]), slotName(l.Slot())), "pids.max"); got != "max" {
-					t.Errorf("pids.max after release: got %s, want max", got)
+				np := next.Paths()
+				checks := []struct{ ctrl, file, want string }{
+					{"memory", "memory.limit_in_bytes", "9223372036854771712"},
+					{"cpu", "cpu.cfs_quota_us", "-1"},
+					{"cpu", "cpu.shares", "1024"},
+					{"pids", "pids.max", "max"},
+				}
+				for _, c := range checks {
+					if got := readTrim(t, np[c.ctrl], c.file); got != c.want {
+						t.Errorf("next lease's %s: got %s, want %s", c.file, got, c.want)
+					}
+				}
+				if err := next.Release(); err != nil {
+					t.Fatal(err)
 				}
 			}
 			checkNoLeaks(t, p)
@@ -292,4 +306,90 @@ func TestRealCorruptRecord(t *testing.T) {
 			checkNoLeaks(t, q)
 		})
 	}
+}
+
+// TestRealShapes leases one slot again and again with changing limits and
+// checks that each lease sees exactly its own: nothing left over from the
+// previous lease (lazy reset), whether that one ended by Release or by its
+// holder dying.
+func TestRealShapes(t *testing.T) {
+	rt := realTrees(t)[0]
+	if rt.mode != ModeV1 {
+		t.Skip("the limits checked here are v1 files")
+	}
+	p := openReal(t, rt, Options{LowWater: -1})
+	i64 := func(v int64) *int64 { return &v }
+	u64 := func(v uint64) *uint64 { return &v }
+	shapes := []*specs.LinuxResources{
+		{Memory: &specs.LinuxMemory{Limit: i64(64 << 20)}, Pids: &specs.LinuxPids{Limit: i64(50)}},
+		{Memory: &specs.LinuxMemory{Limit: i64(64 << 20)}, Pids: &specs.LinuxPids{Limit: i64(50)}},
+		{Memory: &specs.LinuxMemory{Limit: i64(96 << 20)}, CPU: &specs.LinuxCPU{Shares: u64(256), Quota: i64(20000), Period: u64(50000)}},
+		nil,
+		{Memory: &specs.LinuxMemory{Limit: i64(32 << 20), Swap: i64(64 << 20)}, CPU: &specs.LinuxCPU{Quota: i64(30000)}},
+		{Memory: &specs.LinuxMemory{Limit: i64(128 << 20)}},
+		{Pids: &specs.LinuxPids{Limit: i64(70)}},
+	}
+	want := func(res *specs.LinuxResources) map[string]string {
+		w := map[string]string{
+			"memory.limit_in_bytes": "9223372036854771712", "cpu.shares": "1024",
+			"cpu.cfs_quota_us": "-1", "cpu.cfs_period_us": "100000", "pids.max": "max",
+		}
+		if res == nil {
+			return w
+		}
+		if m := res.Memory; m != nil && m.Limit != nil {
+			w["memory.limit_in_bytes"] = strconv.FormatInt(*m.Limit, 10)
+		}
+		if c := res.CPU; c != nil {
+			if c.Shares != nil {
+				w["cpu.shares"] = strconv.FormatUint(*c.Shares, 10)
+			}
+			if c.Quota != nil {
+				w["cpu.cfs_quota_us"] = strconv.FormatInt(*c.Quota, 10)
+			}
+			if c.Period != nil {
+				w["cpu.cfs_period_us"] = strconv.FormatUint(*c.Period, 10)
+			}
+		}
+		if pl := res.Pids; pl != nil && pl.Limit != nil {
+			w["pids.max"] = strconv.FormatInt(*pl.Limit, 10)
+		}
+		return w
+	}
+	ctrlOf := map[string]string{"memory.limit_in_bytes": "memory", "cpu.shares": "cpu", "cpu.cfs_quota_us": "cpu", "cpu.cfs_period_us": "cpu", "pids.max": "pids"}
+	for round := range 2 {
+		for i, res := range shapes {
+			ownerPid := 0
+			var holder *exec.Cmd
+			if round == 1 && i%2 == 0 {
+				holder = startSleeper(t) // this lease ends with its holder's death
+				ownerPid = holder.Process.Pid
+			}
+			name := fmt.Sprintf("shape-%d-%d", round, i)
+			l, err := p.Acquire(context.Background(), name, ownerPid, res)
+			if err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			if l.Slot() != 0 {
+				t.Fatalf("%s: got slot %d, want the one slot 0", name, l.Slot())
+			}
+			for file, v := range want(res) {
+				if got := readTrim(t, l.Paths()[ctrlOf[file]], file); got != v {
+					t.Errorf("%s: %s: got %s, want %s", name, file, got, v)
+				}
+			}
+			if holder != nil {
+				_ = holder.Process.Kill()
+				_ = holder.Wait()
+				if n, err := p.Reclaim(); err != nil || n != 1 {
+					t.Fatalf("%s: reclaim: got %d %v, want 1", name, n, err)
+				}
+				continue
+			}
+			if err := p.Release(name); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	checkNoLeaks(t, p)
 }

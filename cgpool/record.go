@@ -18,13 +18,16 @@ import (
 // flock: no temp files, no fsync (the record lives on tmpfs and a damaged
 // one is rebuilt from the tree). Each line carries its own CRC-32C.
 //
-//	header: "rund-cgpool <version> <mode> <generation>" padded to headerSize
-//	slot:   "<id> <state> <pid> <start> <mask> <name> <crc>" padded to lineSize
+//	header: "rund-cgpool <version> <mode> <generation> <controllers>" padded to headerSize
+//	slot:   "<id> <state> <pid> <start> <mask> <set> <values> <name> <crc>" padded to lineSize
+//
+// mask is every resource field that may differ from a fresh cgroup's; set
+// the fields the last lease applied, with their values (see values.encode).
 const (
 	recordMagic   = "rund-cgpool"
-	recordVersion = 1
-	headerSize    = 64
-	lineSize      = 384
+	recordVersion = 2
+	headerSize    = 256
+	lineSize      = 640
 	// maxNameLen bounds a cgroup name so a slot line stays fixed-size; it
 	// is NAME_MAX, the kernel's own bound for a directory name.
 	maxNameLen = 255
@@ -65,8 +68,13 @@ type slot struct {
 	state slotState
 	owner owner
 	// mask is the set of resource fields written to the slot since it was
-	// last reset (fieldMask bits).
+	// last reset (fieldMask bits); fieldAll means unknown.
 	mask fieldMask
+	// set is the fields the last lease applied, vals their values: a
+	// released slot keeps them (lazy reset) and the next Acquire writes
+	// only what differs. set is a subset of mask.
+	set  fieldMask
+	vals values
 	// name is the lease's cgroup name, "" when idle.
 	name string
 }
@@ -78,7 +86,13 @@ func encodeSlot(s slot) []byte {
 	if name == "" {
 		name = "-"
 	}
-	body := fmt.Sprintf("%d %c %d %d %x %s", s.id, s.state, s.owner.pid, s.owner.start, uint32(s.mask), name)
+	vals := s.vals.encode(s.set)
+	body := fmt.Sprintf("%d %c %d %d %x %x %s %s", s.id, s.state, s.owner.pid, s.owner.start, uint32(s.mask), uint32(s.set), vals, name)
+	if len(body)+10 > lineSize {
+		// Cannot happen with names bounded by maxNameLen; stay correct
+		// anyway by forgetting the values: the next Acquire rewrites all.
+		body = fmt.Sprintf("%d %c %d %d %x 0 - %s", s.id, s.state, s.owner.pid, s.owner.start, uint32(s.mask|s.set), name)
+	}
 	return pad(fmt.Sprintf("%s %08x", body, crc32.Checksum([]byte(body), crcTable)), lineSize)
 }
 
@@ -91,16 +105,16 @@ func pad(s string, size int) []byte {
 
 func decodeSlot(line []byte, want int) (slot, error) {
 	f := strings.Fields(string(line))
-	if len(f) != 7 {
+	if len(f) != 9 {
 		return slot{}, fmt.Errorf("slot line %d: %d fields: %w", want, len(f), ErrCorrupt)
 	}
-	body := strings.Join(f[:6], " ")
-	if sum := fmt.Sprintf("%08x", crc32.Checksum([]byte(body), crcTable)); sum != f[6] {
+	body := strings.Join(f[:8], " ")
+	if sum := fmt.Sprintf("%08x", crc32.Checksum([]byte(body), crcTable)); sum != f[8] {
 		return slot{}, fmt.Errorf("slot line %d: checksum: %w", want, ErrCorrupt)
 	}
 	var s slot
 	var err error
-	var errs [5]error
+	var errs [7]error
 	s.id, errs[0] = strconv.Atoi(f[0])
 	s.owner.pid, errs[1] = strconv.Atoi(f[2])
 	s.owner.start, errs[2] = strconv.ParseUint(f[3], 10, 64)
@@ -108,6 +122,11 @@ func decodeSlot(line []byte, want int) (slot, error) {
 	s.mask, errs[3] = fieldMask(m), e
 	if len(f[1]) != 1 {
 		errs[4] = errors.New("bad state")
+	}
+	m, e = strconv.ParseUint(f[5], 16, 32)
+	s.set, errs[5] = fieldMask(m), e
+	if e == nil {
+		s.vals, errs[6] = decodeValues(f[6], s.set)
 	}
 	if err = errors.Join(errs[:]...); err != nil || s.id != want {
 		return slot{}, fmt.Errorf("slot line %d: %w", want, ErrCorrupt)
@@ -118,8 +137,8 @@ func decodeSlot(line []byte, want int) (slot, error) {
 	default:
 		return slot{}, fmt.Errorf("slot line %d: state %q: %w", want, f[1], ErrCorrupt)
 	}
-	if f[5] != "-" {
-		s.name = f[5]
+	if f[7] != "-" {
+		s.name = f[7]
 	}
 	return s, nil
 }
@@ -130,6 +149,8 @@ func decodeSlot(line []byte, want int) (slot, error) {
 type record struct {
 	f    *os.File
 	mode Mode
+	// ctrls is the pool's controllerSet, kept in the header.
+	ctrls string
 	// gen and slots cache the record as this process last read or wrote
 	// it; valid is false until the first read.
 	gen   uint64
@@ -160,19 +181,37 @@ func (r *record) lock(how int) error {
 func (r *record) unlock() { _ = unix.Flock(int(r.f.Fd()), unix.LOCK_UN) }
 
 func (r *record) encodeHeader() []byte {
-	return pad(fmt.Sprintf("%s %d %s %d", recordMagic, recordVersion, r.mode, r.gen), headerSize)
+	return pad(fmt.Sprintf("%s %d %s %d %s", recordMagic, recordVersion, r.mode, r.gen, r.ctrls), headerSize)
 }
 
-func (r *record) parseHeader(b []byte) (uint64, error) {
+func (r *record) parseHeader(b []byte) (gen uint64, ctrls string, err error) {
 	hdr := strings.Fields(string(b))
-	if len(hdr) != 4 || hdr[0] != recordMagic || hdr[1] != strconv.Itoa(recordVersion) || Mode(hdr[2]) != r.mode {
-		return 0, fmt.Errorf("record header %q: %w", b, ErrCorrupt)
+	if len(hdr) != 5 || hdr[0] != recordMagic || hdr[1] != strconv.Itoa(recordVersion) || Mode(hdr[2]) != r.mode {
+		return 0, "", fmt.Errorf("record header %q: %w", bytes.TrimSpace(b), ErrCorrupt)
 	}
-	gen, err := strconv.ParseUint(hdr[3], 10, 64)
+	gen, err = strconv.ParseUint(hdr[3], 10, 64)
 	if err != nil {
-		return 0, fmt.Errorf("record header %q: %w", b, ErrCorrupt)
+		return 0, "", fmt.Errorf("record header %q: %w", bytes.TrimSpace(b), ErrCorrupt)
 	}
-	return gen, nil
+	return gen, hdr[4], nil
+}
+
+// controllers returns the controller set in the record's header: "" for
+// a new or unreadable record (which a rebuild then rewrites).
+func (r *record) controllers() (string, error) {
+	if err := r.lock(unix.LOCK_SH); err != nil {
+		return "", err
+	}
+	defer r.unlock()
+	var hdr [headerSize]byte
+	if n, _ := r.f.ReadAt(hdr[:], 0); n < headerSize {
+		return "", nil
+	}
+	_, ctrls, err := r.parseHeader(hdr[:])
+	if err != nil {
+		return "", nil
+	}
+	return ctrls, nil
 }
 
 // readLocked returns the slots of the record; an empty file is a new pool
@@ -191,10 +230,15 @@ func (r *record) readLocked() ([]slot, error) {
 		r.valid = false
 		return nil, fmt.Errorf("record header: short: %w", ErrCorrupt)
 	}
-	gen, err := r.parseHeader(hdr[:])
+	gen, ctrls, err := r.parseHeader(hdr[:])
 	if err != nil {
 		r.valid = false
 		return nil, err
+	}
+	if ctrls != r.ctrls {
+		// Another process recreated the pool with other controllers.
+		r.valid = false
+		return nil, fmt.Errorf("%w: record has %s, pool opened with %s", ErrControllers, ctrls, r.ctrls)
 	}
 	if r.valid && gen == r.gen {
 		return r.slots, nil

@@ -3,6 +3,7 @@ package cgpool
 import (
 	"fmt"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/opencontainers/cgroups"
@@ -144,7 +145,7 @@ func applyResources(mode Mode, paths map[string]string, r *cgroups.Resources, m 
 		}
 		p, ok := paths[fc.ctrl]
 		if !ok {
-			return fmt.Errorf("applying %s resources: controller not mounted", fc.ctrl)
+			return fmt.Errorf("applying %s resources: controller not in the pool (Options.Controllers)", fc.ctrl)
 		}
 		if err := v1Group(fc.ctrl).Set(p, r); err != nil {
 			return fmt.Errorf("applying %s resources: %w", fc.ctrl, err)
@@ -160,11 +161,19 @@ func resetResources(mode Mode, paths map[string]string, m fieldMask) error {
 		// whatever this cgroup has.
 		m = presentFields(mode, paths)
 	}
+	if mode == ModeV2 {
+		if m == 0 {
+			return nil
+		}
+		return resetV2(paths[""], m)
+	}
+	for _, fc := range fieldControllers {
+		if _, ok := paths[fc.ctrl]; !ok {
+			m &^= fc.mask // never written: the pool has no such hierarchy
+		}
+	}
 	if m == 0 {
 		return nil
-	}
-	if mode == ModeV2 {
-		return resetV2(paths[""], m)
 	}
 	r := &cgroups.Resources{}
 	if m&(fieldMemory|fieldMemorySwap) != 0 {
@@ -260,4 +269,197 @@ func presentFields(mode Mode, paths map[string]string) fieldMask {
 		}
 	}
 	return m
+}
+
+// values are a lease's numeric resource values, as written to the cgroup.
+// cpuset lists are not kept: the kernel itself rewrites cpuset.cpus when
+// CPUs go offline, so an Acquire always writes them.
+type values struct {
+	memory, swap, reservation int64
+	shares                    uint64
+	quota                     int64
+	period                    uint64
+	pids                      int64
+	blkio                     uint16
+}
+
+func valuesOf(r *cgroups.Resources) values {
+	v := values{
+		memory: r.Memory, swap: r.MemorySwap, reservation: r.MemoryReservation,
+		shares: r.CpuShares, quota: r.CpuQuota, period: r.CpuPeriod, blkio: r.BlkioWeight,
+	}
+	if r.PidsLimit != nil {
+		v.pids = *r.PidsLimit
+	}
+	return v
+}
+
+// numericFields are the fields values keeps, in their encoding order.
+var numericFields = []fieldMask{
+	fieldMemory, fieldMemorySwap, fieldMemoryReservation, fieldCPUShares,
+	fieldCPUQuota, fieldCPUPeriod, fieldPids, fieldBlkioWeight,
+}
+
+func (v *values) field(f fieldMask) *int64 {
+	switch f {
+	case fieldMemory:
+		return &v.memory
+	case fieldMemorySwap:
+		return &v.swap
+	case fieldMemoryReservation:
+		return &v.reservation
+	case fieldCPUQuota:
+		return &v.quota
+	case fieldPids:
+		return &v.pids
+	}
+	return nil
+}
+
+func (v values) get(f fieldMask) string {
+	switch f {
+	case fieldCPUShares:
+		return strconv.FormatUint(v.shares, 10)
+	case fieldCPUPeriod:
+		return strconv.FormatUint(v.period, 10)
+	case fieldBlkioWeight:
+		return strconv.FormatUint(uint64(v.blkio), 10)
+	}
+	return strconv.FormatInt(*v.field(f), 10)
+}
+
+func (v *values) put(f fieldMask, s string) error {
+	var err error
+	switch f {
+	case fieldCPUShares:
+		v.shares, err = strconv.ParseUint(s, 10, 64)
+	case fieldCPUPeriod:
+		v.period, err = strconv.ParseUint(s, 10, 64)
+	case fieldBlkioWeight:
+		var w uint64
+		w, err = strconv.ParseUint(s, 10, 16)
+		v.blkio = uint16(w)
+	default:
+		*v.field(f), err = strconv.ParseInt(s, 10, 64)
+	}
+	return err
+}
+
+// encode writes the values of the numeric fields in m, "/"-separated in
+// numericFields order; "-" when there are none.
+func (v values) encode(m fieldMask) string {
+	var parts []string
+	for _, f := range numericFields {
+		if m&f != 0 {
+			parts = append(parts, v.get(f))
+		}
+	}
+	if len(parts) == 0 {
+		return "-"
+	}
+	return strings.Join(parts, "/")
+}
+
+func decodeValues(s string, m fieldMask) (values, error) {
+	var v values
+	var parts []string
+	if s != "-" {
+		parts = strings.Split(s, "/")
+	}
+	i := 0
+	for _, f := range numericFields {
+		if m&f == 0 {
+			continue
+		}
+		if i >= len(parts) {
+			return v, fmt.Errorf("values %q: too few", s)
+		}
+		if err := v.put(f, parts[i]); err != nil {
+			return v, fmt.Errorf("values %q: %w", s, err)
+		}
+		i++
+	}
+	if i != len(parts) {
+		return v, fmt.Errorf("values %q: too many", s)
+	}
+	return v, nil
+}
+
+// fieldGroups are the fields written together: cgroup v1 couples the
+// memory and memory+swap limits, and CFS quota and period.
+var fieldGroups = []fieldMask{
+	fieldMemory | fieldMemorySwap, fieldMemoryReservation, fieldCPUShares,
+	fieldCPUQuota | fieldCPUPeriod, fieldCpusetCpus, fieldCpusetMems, fieldPids, fieldBlkioWeight,
+}
+
+const cpusetFields = fieldCpusetCpus | fieldCpusetMems
+
+// plan says what an Acquire writes to turn a slot as recorded (prev) into
+// one holding the resources v of fields m: the fields to reset to a fresh
+// cgroup's values first, then the fields of m to write. A group whose
+// fields and known values are unchanged is not written at all; one that
+// loses a field is reset and rewritten.
+func plan(prev slot, m fieldMask, v values) (reset, apply fieldMask) {
+	if prev.mask == fieldAll {
+		return fieldAll, m // unknown: reset whatever the cgroup has
+	}
+	for _, g := range fieldGroups {
+		old, nw := prev.mask&g, m&g
+		if old == 0 && nw == 0 {
+			continue
+		}
+		if old == nw && prev.set&g == old && g&cpusetFields == 0 && sameValues(prev.vals, v, g) {
+			continue
+		}
+		if old&^nw != 0 {
+			reset |= old
+		}
+		apply |= nw
+	}
+	return reset, apply
+}
+
+func sameValues(a, b values, m fieldMask) bool {
+	for _, f := range numericFields {
+		if m&f != 0 && a.get(f) != b.get(f) {
+			return false
+		}
+	}
+	return true
+}
+
+// restrict returns r with only the fields in m set.
+func restrict(r *cgroups.Resources, m fieldMask) *cgroups.Resources {
+	out := &cgroups.Resources{}
+	if m&fieldMemory != 0 {
+		out.Memory = r.Memory
+	}
+	if m&fieldMemorySwap != 0 {
+		out.MemorySwap = r.MemorySwap
+	}
+	if m&fieldMemoryReservation != 0 {
+		out.MemoryReservation = r.MemoryReservation
+	}
+	if m&fieldCPUShares != 0 {
+		out.CpuShares = r.CpuShares
+	}
+	if m&fieldCPUQuota != 0 {
+		out.CpuQuota = r.CpuQuota
+	}
+	if m&fieldCPUPeriod != 0 {
+		out.CpuPeriod = r.CpuPeriod
+	}
+	if m&fieldCpusetCpus != 0 {
+		out.CpusetCpus = r.CpusetCpus
+	}
+	if m&fieldCpusetMems != 0 {
+		out.CpusetMems = r.CpusetMems
+	}
+	if m&fieldPids != 0 {
+		out.PidsLimit = r.PidsLimit
+	}
+	if m&fieldBlkioWeight != 0 {
+		out.BlkioWeight = r.BlkioWeight
+	}
+	return out
 }

@@ -160,7 +160,7 @@ func (p *Pool) rebuildLocked() ([]slot, error) {
 		}
 		switch {
 		case same && s.name == "":
-			if err := p.cleanup(s); err == nil {
+			if err := p.cleanup(s, false); err == nil {
 				s = slot{id: id, state: stateIdle}
 			}
 		case same:

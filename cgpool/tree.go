@@ -97,7 +97,7 @@ func (p *Pool) makeDirs(name string, id int) error {
 // part-way renames the ones already done back.
 func (p *Pool) renameAll(from, to string) error {
 	for i, h := range p.hs {
-		err := renameNoReplace(filepath.Join(p.parents[i], from), filepath.Join(p.parents[i], to), h.cgroupfs)
+		err := renameAt(p.pfds[i], from, to, h.cgroupfs)
 		if err == nil {
 			continue
 		}
@@ -106,7 +106,7 @@ func (p *Pool) renameAll(from, to string) error {
 		}
 		var rb []error
 		for j := i - 1; j >= 0; j-- {
-			rb = append(rb, renameNoReplace(filepath.Join(p.parents[j], to), filepath.Join(p.parents[j], from), p.hs[j].cgroupfs))
+			rb = append(rb, renameAt(p.pfds[j], to, from, p.hs[j].cgroupfs))
 		}
 		return errors.Join(append([]error{err}, rb...)...)
 	}
@@ -114,16 +114,18 @@ func (p *Pool) renameAll(from, to string) error {
 }
 
 // cleanup returns a slot to the idle shape: its directory exists under its
-// slot name in every hierarchy, holds no process and no child cgroup, and
-// carries a fresh cgroup's resource values. The fast path assumes the
-// slot is where the record says; when it is not, it copes with any point a
-// holder may have died at: directories half renamed, or not yet created.
-func (p *Pool) cleanup(s slot) error {
+// slot name in every hierarchy and holds no process and no child cgroup.
+// Unless lazy, it also carries a fresh cgroup's resource values; a lazy
+// cleanup leaves the lease's values, which the record keeps, for the next
+// Acquire to overwrite. The fast path assumes the slot is where the record
+// says; when it is not, it copes with any point a holder may have died at:
+// directories half renamed, or not yet created.
+func (p *Pool) cleanup(s slot, lazy bool) error {
 	dirs := make([]string, len(p.hs))
 	for i := range p.hs {
 		dirs[i] = filepath.Join(p.parents[i], p.dirName(s))
 	}
-	err := p.cleanupAt(s, dirs)
+	err := p.cleanupAt(s, dirs, lazy)
 	if err == nil || !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
@@ -141,11 +143,12 @@ func (p *Pool) cleanup(s slot) error {
 			}
 		}
 	}
-	return p.cleanupAt(s, dirs)
+	return p.cleanupAt(s, dirs, lazy)
 }
 
-// cleanupAt empties, resets and renames back the slot found at dirs.
-func (p *Pool) cleanupAt(s slot, dirs []string) error {
+// cleanupAt empties, resets (unless lazy) and renames back the slot found
+// at dirs.
+func (p *Pool) cleanupAt(s slot, dirs []string, lazy bool) error {
 	idle := slotName(s.id)
 	for _, d := range dirs {
 		// A directory to be renamed back is checked by the rename.
@@ -162,8 +165,10 @@ func (p *Pool) cleanupAt(s slot, dirs []string) error {
 			paths[c] = dirs[i]
 		}
 	}
-	if err := resetResources(p.mode, paths, s.mask); err != nil {
-		return fmt.Errorf("resetting slot %d: %w", s.id, err)
+	if !lazy {
+		if err := resetResources(p.mode, paths, s.mask); err != nil {
+			return fmt.Errorf("resetting slot %d: %w", s.id, err)
+		}
 	}
 	if p.mode == ModeV2 && s.name != "" {
 		clearNameXattr(dirs[0])
@@ -172,7 +177,7 @@ func (p *Pool) cleanupAt(s slot, dirs []string) error {
 		if filepath.Base(d) == idle {
 			continue
 		}
-		if err := renameNoReplace(d, filepath.Join(p.parents[i], idle), p.hs[i].cgroupfs); err != nil {
+		if err := renameAt(p.pfds[i], filepath.Base(d), idle, p.hs[i].cgroupfs); err != nil {
 			return fmt.Errorf("returning slot %d: %w", s.id, err)
 		}
 	}
@@ -230,10 +235,12 @@ func (p *Pool) killAll(dirs []string) error {
 
 // empty is the cheap check that the slot holds no process and no child
 // cgroup, so that releasing an already stopped sandbox reads no pid list
-// (building one costs ~20µs per v1 hierarchy). It reads cgroup.events on
-// v2 and pids.current (which counts descendants too) on v1; without a pids
-// hierarchy it answers false and killAll scans. A process that a third
-// party put into only some non-pids hierarchies is not seen.
+// (building one costs ~20µs per v1 hierarchy). It stats each directory
+// (a cgroup's link count is 2 plus its children) and reads one counter:
+// cgroup.events on v2, pids.current (which counts descendants too) on v1;
+// without a pids hierarchy it answers false and killAll scans. A process
+// that a third party put into only some non-pids hierarchies is not seen.
+// It works relative to the parents' fds: no path walk from the root.
 func (p *Pool) empty(dirs []string) bool {
 	checked := false
 	for i, d := range dirs {
@@ -241,26 +248,42 @@ func (p *Pool) empty(dirs []string) bool {
 		if !h.cgroupfs {
 			return false
 		}
+		base := filepath.Base(d)
 		var st unix.Stat_t
-		if err := unix.Stat(d, &st); err != nil || st.Nlink > 2 {
+		if err := unix.Fstatat(p.pfds[i], base, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil || st.Nlink > 2 {
 			return false // missing, or has child cgroups
 		}
 		switch {
 		case p.mode == ModeV2:
-			ev, err := cgroups.ReadFile(d, "cgroup.events")
-			if err != nil || !strings.Contains(ev, "populated 0") {
+			ev, ok := readAt(p.pfds[i], base+"/cgroup.events")
+			if !ok || !strings.Contains(ev, "populated 0") {
 				return false
 			}
 			checked = true
-		case h.has("pids"):
-			n, err := cgroups.ReadFile(d, "pids.current")
-			if err != nil || strings.TrimSpace(n) != "0" {
+		case h.has("pids") && !checked:
+			n, ok := readAt(p.pfds[i], base+"/pids.current")
+			if !ok || strings.TrimSpace(n) != "0" {
 				return false
 			}
 			checked = true
 		}
 	}
 	return checked
+}
+
+// readAt reads a small control file below the directory dirfd.
+func readAt(dirfd int, name string) (string, bool) {
+	fd, err := unix.Openat(dirfd, name, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return "", false
+	}
+	defer unix.Close(fd)
+	var buf [512]byte
+	n, err := unix.Read(fd, buf[:])
+	if err != nil || n < 0 {
+		return "", false
+	}
+	return string(buf[:n]), true
 }
 
 // walkProcs appends the pids in dir and below, and the child cgroups in

@@ -2,6 +2,7 @@ package cgpool
 
 import (
 	"errors"
+	"strings"
 	"testing"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -106,5 +107,69 @@ func TestRecordLines(t *testing.T) {
 	}
 	if _, err := decodeSlot(line, 8); !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("wrong index: got %v, want ErrCorrupt", err)
+	}
+}
+
+func TestRecordValues(t *testing.T) {
+	tests := []struct {
+		name string
+		s    slot
+	}{
+		{name: "idle fresh", s: slot{id: 0, state: stateIdle}},
+		{name: "idle with values", s: slot{id: 3, state: stateIdle, mask: fieldMemory | fieldPids | fieldCpusetCpus,
+			set: fieldMemory | fieldCpusetCpus, vals: values{memory: 1 << 40}}},
+		{name: "all numeric", s: slot{id: 4095, state: stateBusy, owner: owner{pid: 4194304, start: 1<<64 - 1},
+			mask: fieldAll, set: fieldAll, name: strings.Repeat("n", maxNameLen),
+			vals: values{memory: -1 << 63, swap: 1<<63 - 1, reservation: 5, shares: 1<<64 - 1, quota: -1, period: 1000, pids: 7, blkio: 1000}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			line := encodeSlot(tt.s)
+			if len(line) != lineSize {
+				t.Fatalf("got line of %d bytes, want %d", len(line), lineSize)
+			}
+			got, err := decodeSlot(line, tt.s.id)
+			if err != nil || got != tt.s {
+				t.Fatalf("got %+v %v, want %+v", got, err, tt.s)
+			}
+		})
+	}
+	if _, err := decodeValues("1/2", fieldMemory); err == nil {
+		t.Fatal("too many values accepted")
+	}
+	if _, err := decodeValues("-", fieldPids); err == nil {
+		t.Fatal("missing value accepted")
+	}
+}
+
+func TestPlan(t *testing.T) {
+	mem := func(m int64) values { return values{memory: m, shares: 512, pids: 10} }
+	shape := fieldMemory | fieldCPUShares | fieldPids
+	tests := []struct {
+		name         string
+		prev         slot
+		m            fieldMask
+		v            values
+		reset, apply fieldMask
+	}{
+		{name: "fresh slot", m: shape, v: mem(1), apply: shape},
+		{name: "fresh slot, no limits"},
+		{name: "same shape", prev: slot{mask: shape, set: shape, vals: mem(1)}, m: shape, v: mem(1)},
+		{name: "other memory", prev: slot{mask: shape, set: shape, vals: mem(1)}, m: shape, v: mem(2), apply: fieldMemory},
+		{name: "no limits after limits", prev: slot{mask: shape, set: shape, vals: mem(1)}, reset: shape},
+		{name: "swap dropped rewrites memory", prev: slot{mask: fieldMemory | fieldMemorySwap, set: fieldMemory | fieldMemorySwap, vals: values{memory: 1, swap: 2}},
+			m: fieldMemory, v: values{memory: 1}, reset: fieldMemory | fieldMemorySwap, apply: fieldMemory},
+		{name: "value unknown", prev: slot{mask: fieldPids}, m: fieldPids, v: mem(1), apply: fieldPids},
+		{name: "left over from a crash", prev: slot{mask: fieldPids | fieldMemory, set: fieldPids, vals: mem(1)}, m: fieldPids, v: mem(1), reset: fieldMemory},
+		{name: "cpuset always written", prev: slot{mask: fieldCpusetCpus, set: fieldCpusetCpus}, m: fieldCpusetCpus, apply: fieldCpusetCpus},
+		{name: "rebuilt slot", prev: slot{mask: fieldAll}, m: fieldPids, v: mem(1), reset: fieldAll, apply: fieldPids},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			reset, apply := plan(tt.prev, tt.m, tt.v)
+			if reset != tt.reset || apply != tt.apply {
+				t.Fatalf("got reset %b apply %b, want %b %b", reset, apply, tt.reset, tt.apply)
+			}
+		})
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -276,8 +277,14 @@ func (c *ImageCache) Evict() error {
 		if err != nil {
 			continue
 		}
-		images = append(images, entry{key, fi.Size(), fi.ModTime()})
-		total += fi.Size()
+		// Count the space an image takes, not its apparent size: images
+		// are padded (sparse) to a virtio-pmem region's size.
+		size := fi.Size()
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			size = st.Blocks * 512
+		}
+		images = append(images, entry{key, size, fi.ModTime()})
+		total += size
 	}
 	slices.SortFunc(images, func(a, b entry) int { return a.mtime.Compare(b.mtime) })
 	var errs []error

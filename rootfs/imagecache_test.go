@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -227,12 +228,18 @@ func TestImageCacheBuildFails(t *testing.T) {
 func TestImageCacheEviction(t *testing.T) {
 	countBuilds(t, "0")
 	dir := t.TempDir()
-	c := openCache(t, dir, 5<<20)
 	srcs := map[string]string{}
 	for _, name := range []string{"a", "b", "c", "d", "e"} {
 		srcs[name] = t.TempDir()
 		writeTree(t, srcs[name], map[string]string{"name": name})
 	}
+	// The bound counts the space images take (they are sparse): room for
+	// two and a half of them, measured on a probe.
+	probe := get(t, openCache(t, t.TempDir(), 0), srcs["a"])
+	var st syscall.Stat_t
+	mustDo(t, syscall.Stat(probe.Path, &st))
+	mustDo(t, probe.Release())
+	c := openCache(t, dir, st.Blocks*512*5/2)
 	exists := func(im *Image) bool {
 		_, err := os.Stat(im.Path)
 		return err == nil

@@ -1,9 +1,15 @@
 // Command cgpool measures cgroup setup for sandboxes: a lease from the
-// cgroup pool (acquire by rename + apply, release = kill check, reset,
-// rename back) against creating and destroying a cgroup per sandbox (mkdir
-// + apply + rmdir through github.com/opencontainers/cgroups, as runc does),
-// at several concurrency levels, in one process. It prints a table and
-// writes the figures as JSON. It needs root and leaves nothing behind.
+// cgroup pool (acquire by rename + write of the limits that differ from the
+// slot's, release = emptiness check + rename back, limits left for the next
+// acquire to overwrite) against creating and destroying a cgroup per
+// sandbox (mkdir + apply + rmdir through github.com/opencontainers/cgroups'
+// fs manager, as runc does: a cgroup in every mounted hierarchy), at
+// several concurrency levels, in one process. Both sides apply the same
+// limits; sandbox i gets one of -shapes memory sizes, so a pool slot
+// usually changes shape between leases. Each side runs after the host has
+// settled from the previous one (cgroup removal leaves kernel work behind).
+// It prints a table and writes the figures as JSON, with the hierarchies
+// each side touched. It needs root and leaves nothing behind.
 //
 //	go run ./hack/bench/cgpool -workers 1,10,50,200 -n 2000 -out cgpool.json
 package main
@@ -16,6 +22,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -47,15 +54,21 @@ type dist struct {
 }
 
 type result struct {
-	Method  string  `json:"method"`
-	Workers int     `json:"workers"`
-	N       int     `json:"n"`
-	WallMs  float64 `json:"wall_ms"`
-	Setup   dist    `json:"setup"`
-	Teardn  dist    `json:"teardown"`
-	Op      dist    `json:"op"`
-	ProcCPU float64 `json:"process_cpu_ms"`
-	HostCPU float64 `json:"host_cpu_ms"`
+	Method string `json:"method"`
+	// Hierarchies are the cgroup hierarchies (controllers) the method
+	// touches per sandbox.
+	Hierarchies []string `json:"hierarchies"`
+	Workers     int      `json:"workers"`
+	N           int      `json:"n"`
+	WallMs      float64  `json:"wall_ms"`
+	Setup       dist     `json:"setup"`
+	Teardn      dist     `json:"teardown"`
+	Op          dist     `json:"op"`
+	ProcCPU     float64  `json:"process_cpu_ms"`
+	HostCPU     float64  `json:"host_cpu_ms"`
+	// TailCPU is host CPU time in the settle period after the run: kernel
+	// work the method left behind (cgroup freeing in kworkers, RCU).
+	TailCPU float64 `json:"host_cpu_tail_ms"`
 	Errors  int     `json:"errors"`
 }
 
@@ -64,6 +77,7 @@ type run struct {
 	Root        string   `json:"root"`
 	Hierarchies int      `json:"hierarchies"`
 	Resources   string   `json:"resources"`
+	Shapes      int      `json:"shapes"`
 	Note        string   `json:"note,omitempty"`
 	Results     []result `json:"results"`
 	Speedup     []string `json:"speedup"`
@@ -76,7 +90,13 @@ func main() {
 	root := flag.String("root", cgpool.DefaultRoot, "cgroup filesystem root")
 	parent := flag.String("parent", "rund-bench", "parent cgroup for the benchmark (removed afterwards)")
 	v2root := flag.String("v2root", "auto", `cgroup2 tree for a v2 pass ("auto": <root>/unified on a hybrid host, "" to skip)`)
+	ctrls := flag.String("controllers", "", `v1 controllers of the pool's slots ("": cgpool.DefaultControllers; "all": every hierarchy)`)
+	flag.IntVar(&shapes, "shapes", 4, "number of distinct sandbox memory sizes (1: every sandbox alike)")
+	flag.DurationVar(&settle, "settle", time.Second, "longest wait for the host to go idle between runs")
 	flag.Parse()
+	if *ctrls != "" {
+		controllers = strings.Split(*ctrls, ",")
+	}
 	var levels []int
 	for _, f := range strings.Split(*workers, ",") {
 		w, err := strconv.Atoi(strings.TrimSpace(f))
@@ -116,9 +136,29 @@ func main() {
 	}
 }
 
+var (
+	shapes      int
+	settle      time.Duration
+	controllers []string
+)
+
 func fatal(err error) {
 	fmt.Fprintln(os.Stderr, "cgpool bench:", err)
 	os.Exit(1)
+}
+
+// memFor is sandbox i's memory limit: one of shapes sizes.
+func memFor(i int) int64 { return memLimit + int64(i%shapes)*64<<20 }
+
+// withShape returns res with sandbox i's memory limit.
+func withShape(res *specs.LinuxResources, i int) *specs.LinuxResources {
+	if res.Memory == nil {
+		return res
+	}
+	r := *res
+	l := memFor(i)
+	r.Memory = &specs.LinuxMemory{Limit: &l}
+	return &r
 }
 
 // spec returns the sandbox's resources, as much of them as the tree's
@@ -130,7 +170,7 @@ func spec(mode cgpool.Mode, root string) (*specs.LinuxResources, string) {
 			Memory: &specs.LinuxMemory{Limit: &l},
 			CPU:    &specs.LinuxCPU{Shares: &sh, Quota: &q, Period: &pe},
 			Pids:   &specs.LinuxPids{Limit: &pl},
-		}, "memory 256MiB(+32MiB overhead), cpu shares 512, quota 50000/100000, pids 1024"
+		}, fmt.Sprintf("memory 256MiB+k*64MiB (k=i%%%d; +32MiB overhead), cpu shares 512, quota 50000/100000, pids 1024", shapes)
 	}
 	ctrls, _ := os.ReadFile(filepath.Join(root, "cgroup.controllers"))
 	have := strings.Fields(string(ctrls))
@@ -161,21 +201,24 @@ func bench(root string, mode cgpool.Mode, parent string, levels []int, n int) (r
 		return run{}, err
 	}
 	defer os.RemoveAll(state)
-	top, err := cgpool.Open(cgpool.Options{Root: root, Parent: parent, StateDir: state, Mode: mode})
+	// The parent in every hierarchy, for the baseline.
+	top, err := cgpool.Open(cgpool.Options{Root: root, Parent: parent, StateDir: state, Mode: mode,
+		Controllers: []string{cgpool.AllControllers}})
 	if err != nil {
 		return run{}, err
 	}
 	mode = top.Mode()
 	res, resDesc := spec(mode, root)
 	topPaths := top.ParentPaths()
+	_ = top.Destroy(true) // its record only: the pool runs make their own
 	_ = top.Close()
 	defer removeTree(topPaths)
-	rr := run{Mode: string(mode), Root: root, Hierarchies: len(uniq(topPaths)), Resources: resDesc}
+	rr := run{Mode: string(mode), Root: root, Hierarchies: len(uniq(topPaths)), Resources: resDesc, Shapes: shapes}
 	if mode == cgpool.ModeV2 {
 		rr.Note = "cgroup v2 cannot rename a cgroup: the pool leases slots in place (name kept in an xattr)"
 	}
 	for _, w := range levels {
-		base, err := runBaseline(mode, res, topPaths, w, n)
+		base, err := runBaseline(mode, res, parent, topPaths, w, n)
 		if err != nil {
 			return rr, err
 		}
@@ -223,6 +266,7 @@ func measure(method string, w, n int, fn op) result {
 		next <- i
 	}
 	close(next)
+	waitIdle()
 	cpu0, host0 := procCPU(), hostCPU()
 	start := time.Now()
 	var wg sync.WaitGroup
@@ -246,25 +290,59 @@ func measure(method string, w, n int, fn op) result {
 	}
 	wg.Wait()
 	wall := time.Since(start)
+	cpu1, host1 := procCPU(), hostCPU()
+	waitIdle()
 	return result{
 		Method: method, Workers: w, N: n, Errors: errs,
 		WallMs:  ms(wall),
 		Setup:   percentiles(setup),
 		Teardn:  percentiles(tear),
 		Op:      percentiles(total),
-		ProcCPU: ms(procCPU() - cpu0),
-		HostCPU: ms(hostCPU() - host0),
+		ProcCPU: ms(cpu1 - cpu0),
+		HostCPU: ms(host1 - host0),
+		TailCPU: ms(hostCPU() - host1),
 	}
 }
 
-func runBaseline(mode cgpool.Mode, res *specs.LinuxResources, parents map[string]string, w, n int) (result, error) {
-	r := libResources(res)
-	return measure("mkdir+apply+rmdir", w, n, func(i int) (time.Duration, time.Duration, error) {
+// waitIdle waits, up to settle, until the host's CPUs were under 20% busy
+// for 100ms: other engineers share the machine, and cgroup removal goes on
+// in kworkers after rmdir has returned.
+func waitIdle() {
+	deadline := time.Now().Add(settle)
+	for time.Now().Before(deadline) {
+		h0, t0 := hostCPU(), time.Now()
+		time.Sleep(100 * time.Millisecond)
+		if float64(hostCPU()-h0) < 0.2*float64(time.Since(t0))*float64(runtime.NumCPU()) {
+			return
+		}
+	}
+}
+
+func runBaseline(mode cgpool.Mode, res *specs.LinuxResources, parent string, parents map[string]string, w, n int) (result, error) {
+	var touched []string
+	if mode == cgpool.ModeV1 {
+		// runc's fs manager picks the hierarchies itself: all of them.
+		m, err := fs.NewManager(&cgroups.Cgroup{Path: "/" + parent + "/probe", Resources: &cgroups.Resources{}}, nil)
+		if err != nil {
+			return result{}, err
+		}
+		for k := range m.GetPaths() {
+			if k == "" {
+				k = "unified" // hybrid hosts: runc joins the cgroup2 tree too
+			}
+			touched = append(touched, k)
+		}
+		sort.Strings(touched)
+	} else {
+		touched = []string{"unified"}
+	}
+	res0 := measure("mkdir+apply+rmdir", w, n, func(i int) (time.Duration, time.Duration, error) {
+		r := libResources(withShape(res, i))
 		name := fmt.Sprintf("mk-%d", i)
-		t0 := time.Now()
 		var m cgroups.Manager
 		var err error
-		cg := &cgroups.Cgroup{Resources: r}
+		cg := &cgroups.Cgroup{Resources: r, Path: "/" + parent + "/" + name}
+		t0 := time.Now()
 		if mode == cgpool.ModeV2 {
 			// fs2's Apply assumes the cgroup2 mount is /sys/fs/cgroup, so
 			// create the directory by hand, as it would.
@@ -273,11 +351,7 @@ func runBaseline(mode cgpool.Mode, res *specs.LinuxResources, parents map[string
 				m, err = fs2.NewManager(cg, dir)
 			}
 		} else {
-			paths := map[string]string{}
-			for k, d := range parents {
-				paths[k] = filepath.Join(d, name)
-			}
-			m, err = fs.NewManager(cg, paths)
+			m, err = fs.NewManager(cg, nil)
 		}
 		if err == nil {
 			if mode == cgpool.ModeV1 {
@@ -292,7 +366,9 @@ func runBaseline(mode cgpool.Mode, res *specs.LinuxResources, parents map[string
 			err = errors.Join(err, m.Destroy())
 		}
 		return t1.Sub(t0), time.Since(t1), err
-	}), nil
+	})
+	res0.Hierarchies = touched
+	return res0, nil
 }
 
 // libResources is the spec as runc's libcontainer would hand it to the
@@ -315,6 +391,7 @@ func libResources(res *specs.LinuxResources) *cgroups.Resources {
 func runPool(root string, mode cgpool.Mode, parent, state string, res *specs.LinuxResources, w, n int) (result, error) {
 	p, err := cgpool.Open(cgpool.Options{
 		Root: root, Parent: parent, StateDir: state, Mode: mode, MemoryOverhead: overhead,
+		Controllers: controllers,
 	})
 	if err != nil {
 		return result{}, err
@@ -328,8 +405,9 @@ func runPool(root string, mode cgpool.Mode, parent, state string, res *specs.Lin
 	ctx := context.Background()
 	r := measure("pool acquire+apply+release", w, n, func(i int) (time.Duration, time.Duration, error) {
 		name := fmt.Sprintf("c-%d", i)
+		rs := withShape(res, i)
 		t0 := time.Now()
-		_, err := p.Acquire(ctx, name, 0, res)
+		_, err := p.Acquire(ctx, name, 0, rs)
 		t1 := time.Now()
 		if err != nil {
 			return t1.Sub(t0), 0, err
@@ -337,6 +415,10 @@ func runPool(root string, mode cgpool.Mode, parent, state string, res *specs.Lin
 		err = p.Release(name)
 		return t1.Sub(t0), time.Since(t1), err
 	})
+	r.Hierarchies = p.Controllers()
+	if mode == cgpool.ModeV2 {
+		r.Hierarchies = []string{"unified"}
+	}
 	if st, err := p.Status(); err == nil && (st.Busy != 0 || st.Leaked != 0) {
 		return r, fmt.Errorf("pool left %d busy, %d leaked", st.Busy, st.Leaked)
 	}
@@ -398,12 +480,19 @@ func print(r run) {
 	if len(r.Results) == 0 {
 		return
 	}
-	fmt.Printf("%-28s %7s %6s %10s %11s %11s %11s %11s %11s %11s %9s %9s %4s\n",
-		"method", "workers", "n", "wall ms", "setup p50", "setup p99", "tear p50", "tear p99", "op p50 us", "op p99 us", "proc cpu", "host cpu", "err")
+	fmt.Printf("%-28s %7s %6s %10s %11s %11s %11s %11s %11s %11s %9s %9s %9s %4s\n",
+		"method", "workers", "n", "wall ms", "setup p50", "setup p99", "tear p50", "tear p99", "op p50 us", "op p99 us", "proc cpu", "host cpu", "tail cpu", "err")
 	for _, x := range r.Results {
-		fmt.Printf("%-28s %7d %6d %10.1f %11.1f %11.1f %11.1f %11.1f %11.1f %11.1f %9.0f %9.0f %4d\n",
+		fmt.Printf("%-28s %7d %6d %10.1f %11.1f %11.1f %11.1f %11.1f %11.1f %11.1f %9.0f %9.0f %9.0f %4d\n",
 			x.Method, x.Workers, x.N, x.WallMs, x.Setup.P50us, x.Setup.P99us, x.Teardn.P50us, x.Teardn.P99us,
-			x.Op.P50us, x.Op.P99us, x.ProcCPU, x.HostCPU, x.Errors)
+			x.Op.P50us, x.Op.P99us, x.ProcCPU, x.HostCPU, x.TailCPU, x.Errors)
+	}
+	seen := map[string]bool{}
+	for _, x := range r.Results {
+		if !seen[x.Method] {
+			seen[x.Method] = true
+			fmt.Printf("%s touches %d hierarchies: %s\n", x.Method, len(x.Hierarchies), strings.Join(x.Hierarchies, " "))
+		}
 	}
 	for _, s := range r.Speedup {
 		fmt.Println("speedup", s)
