@@ -9,7 +9,7 @@ GOFLAGS_BUILD := -trimpath
 VERSION   := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X github.com/rund-dev/rund/commands.version=$(VERSION)
 
-.PHONY: all deps rund guest kernel install test test-unit test-integration test-oci vet fmt lint clean help
+.PHONY: all deps rund guest kernel install test test-unit test-integration test-oci bench-startup bench-cgpool vet fmt lint clean help
 
 all: rund guest
 
@@ -57,6 +57,14 @@ test-unit:
 
 test-integration: all
 	RUND=$(CURDIR)/$(BIN)/rund $(GO) test -count=1 -tags integration -timeout 40m -v ./integration/ 2>&1 | tee $(BIN)/integration.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)' ; exit $${PIPESTATUS[0]}
+
+# Startup latency (template, cold boot, runc) and idle-sandbox memory.
+bench-startup: all
+	go run ./hack/bench/startup -rund $(BIN)/rund -out $(BIN)/bench-startup.json
+
+# Cgroup setup: pool vs mkdir+apply+rmdir at 1..200 concurrent workers.
+bench-cgpool:
+	go run ./hack/bench/cgpool -workers 1,10,50,200 -n 2000 -out $(BIN)/bench-cgpool.json
 
 # The OCI runtime-tools validation suite, against runc and rund.
 test-oci: all
