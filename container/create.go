@@ -178,7 +178,7 @@ func BaseLaunch(o Options, id string) *shimapi.Launch {
 		Hypervisor: cfg.Hypervisor, Kernel: cfg.Kernel, Initrd: cfg.Initrd,
 		Cmdline: cfg.KernelCmdline, VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB,
 		Accel: cfg.Accel, TBSizeMiB: cfg.TBSizeMiB, VMMBinary: cfg.QEMUBinary,
-		WritableSize: int64(cfg.WritableMiB) << 20, HasWritable: false,
+		WritableSize: int64(cfg.WritableMiB) << 20, PmemSize: int64(cfg.PmemMiB) << 20,
 	}
 	if cfg.Hypervisor == "cloud-hypervisor" {
 		l.VMMBinary = cfg.CloudHypervisorBinary

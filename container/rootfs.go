@@ -52,10 +52,17 @@ func prepareRootfs(ctx context.Context, cfg config.Config, s *specs.Spec, st *St
 		imgFile.Close()
 		return nil, fmt.Errorf("creating writable layer: %w", err)
 	}
-	l.RootImage = img.Path
+	l.RootImage, l.RootImageSize = img.Path, img.Size
 	l.HasWritable = true
-	l.Create.Root.Lower, l.Create.Root.LowerType = "/dev/vda", "erofs"
-	l.Create.Root.Upper = "/dev/vdb"
+	if l.PmemSize > 0 && img.Size < l.PmemSize {
+		// virtio-pmem maps exactly the template's region size: pad the
+		// cached image (sparse; its content is unchanged).
+		if err := os.Truncate(img.Path, l.PmemSize); err != nil {
+			rw.Close()
+			imgFile.Close()
+			return nil, fmt.Errorf("padding image %s for virtio-pmem: %w", img.Path, err)
+		}
+	}
 	return []*os.File{rw, imgFile}, nil
 }
 

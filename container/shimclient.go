@@ -16,7 +16,7 @@ import (
 // dialShim connects to a container's shim control socket.
 func dialShim(ctx context.Context, root, id string) (net.Conn, error) {
 	var d net.Dialer
-	c, err := d.DialContext(ctx, "unix", filepath.Join(dirOf(root, id), shimapi.SocketFile))
+	c, err := d.DialContext(ctx, "unix", filepath.Join(vmDirOf(root, id), shimapi.SocketFile))
 	if err != nil {
 		return nil, fmt.Errorf("connecting to shim of %s: %w", id, err)
 	}

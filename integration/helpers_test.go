@@ -19,7 +19,7 @@ import (
 )
 
 // rund is the binary under test.
-func rund(t *testing.T) string {
+func rund(t testing.TB) string {
 	t.Helper()
 	p := os.Getenv("RUND")
 	if p == "" {
@@ -29,7 +29,7 @@ func rund(t *testing.T) string {
 }
 
 // requires skips the test unless each named capability is present.
-func requires(t *testing.T, what ...string) {
+func requires(t testing.TB, what ...string) {
 	t.Helper()
 	for _, w := range what {
 		switch w {
@@ -286,7 +286,7 @@ func bundle(t *testing.T, args ...string) string {
 }
 
 // makeBusybox builds a busybox rootfs at dir.
-func makeBusybox(t *testing.T, dir string) {
+func makeBusybox(t testing.TB, dir string) {
 	t.Helper()
 	bb, err := exec.LookPath("busybox")
 	if err != nil {

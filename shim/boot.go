@@ -56,15 +56,13 @@ func (s *shim) vmConfig() (vm.Config, error) {
 		Accel: accel, TBSizeMiB: l.TBSizeMiB,
 		ConsoleLog: filepath.Join(l.StateDir, shimapi.ConsoleFile),
 	}
+	lay := layoutOf(l)
 	if l.HasWritable {
-		img := os.NewFile(shimapi.ImageFd, "image")
-		rw := os.NewFile(shimapi.WritableFd, "writable")
-		cfg.Disks = append(cfg.Disks,
-			vm.Disk{ID: "rootro", Path: cfg.AddFile(img), ReadOnly: true},
-			vm.Disk{ID: "rootrw", Path: cfg.AddFile(rw)})
-	} else {
-		cfg.Disks = append(cfg.Disks, vm.Disk{ID: "rootro", Path: l.RootImage, ReadOnly: true})
+		img := cfg.AddFile(os.NewFile(shimapi.ImageFd, "image"))
+		rw := cfg.AddFile(os.NewFile(shimapi.WritableFd, "writable"))
+		lay.attach(&cfg, img, rw)
 	}
+	l.Create.Root = lay.root(l.Create.Root.Readonly)
 	return cfg, nil
 }
 

@@ -122,7 +122,7 @@ func (s *shim) run(dir string, sync *os.File) (int, error) {
 		return 0, fmt.Errorf("creating container in the guest: %w", err)
 	}
 	logrus.Debugf("sandbox %s: container created after %s", l.ID, time.Since(t0))
-	ln, err := net.Listen("unix", filepath.Join(dir, shimapi.SocketFile))
+	ln, err := net.Listen("unix", filepath.Join(s.vmDir, shimapi.SocketFile))
 	if err != nil {
 		return 0, fmt.Errorf("listening on control socket: %w", err)
 	}

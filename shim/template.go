@@ -18,12 +18,8 @@ import (
 	"github.com/rund-dev/rund/vm/template"
 )
 
-// roCapacity is the capacity of the read-only image disk a template carries:
-// every clone's image must fit in it. The placeholder is sparse.
-const roCapacity = 64 << 30
-
 // templateKey is everything that shapes the sandbox's template.
-func templateKey(ctx context.Context, b vm.Backend, cfg vm.Config, writableSize int64) (template.Key, error) {
+func templateKey(ctx context.Context, b vm.Backend, cfg vm.Config, lay layout) (template.Key, error) {
 	ver, err := b.Version(ctx)
 	if err != nil {
 		return template.Key{}, err
@@ -31,10 +27,7 @@ func templateKey(ctx context.Context, b vm.Backend, cfg vm.Config, writableSize 
 	k := template.Key{
 		Backend: b.Name(), BackendVersion: ver, Cmdline: cfg.Cmdline, VCPUs: cfg.VCPUs,
 		MemoryMiB: cfg.MemoryMiB, Accel: cfg.Accel, TBSizeMiB: cfg.TBSizeMiB,
-		Devices: []string{fmt.Sprintf("disk:rootro:ro:%d", int64(roCapacity))},
-	}
-	if writableSize > 0 {
-		k.Devices = append(k.Devices, fmt.Sprintf("disk:rootrw:rw:%d", writableSize))
+		Devices: lay.key(),
 	}
 	if k.Kernel, err = template.IdentifyFile(cfg.Kernel); err != nil {
 		return k, err
@@ -49,7 +42,7 @@ func templateKey(ctx context.Context, b vm.Backend, cfg vm.Config, writableSize 
 // agent loads its modules, mounts the root layers and runs a process once),
 // then pauses it and saves its device state into dir. Its RAM is memPath,
 // mapped shared, so the file holds the guest's memory afterwards.
-func BuildTemplate(ctx context.Context, b vm.Backend, cfg vm.Config, writableSize int64, memPath, dir string) error {
+func BuildTemplate(ctx context.Context, b vm.Backend, cfg vm.Config, lay layout, memPath, dir string) error {
 	ph := filepath.Join(dir, "placeholders")
 	if err := os.MkdirAll(ph, 0o700); err != nil {
 		return err
@@ -61,26 +54,24 @@ func BuildTemplate(ctx context.Context, b vm.Backend, cfg vm.Config, writableSiz
 	if out, err := exec.CommandContext(ctx, "mkfs.erofs", ro, empty).CombinedOutput(); err != nil {
 		return fmt.Errorf("making read-only placeholder: %w: %s", err, out)
 	}
-	if err := os.Truncate(ro, roCapacity); err != nil {
+	if err := os.Truncate(ro, lay.roSize()); err != nil {
 		return fmt.Errorf("sizing read-only placeholder: %w", err)
 	}
-	cfg.Disks = []vm.Disk{{ID: "rootro", Path: ro, ReadOnly: true}}
-	cfg.Files = nil
-	root := proto.Root{Lower: "/dev/vda", LowerType: "erofs"}
-	if writableSize > 0 {
-		rw := filepath.Join(ph, "rw.img")
+	cfg.Disks, cfg.Pmems, cfg.Files = nil, nil, nil
+	rw := filepath.Join(ph, "rw.img")
+	if lay.writableSize > 0 {
 		if err := os.WriteFile(rw, nil, 0o600); err != nil {
 			return err
 		}
-		if err := os.Truncate(rw, writableSize); err != nil {
+		if err := os.Truncate(rw, lay.writableSize); err != nil {
 			return err
 		}
 		if out, err := exec.CommandContext(ctx, "mkfs.ext4", "-q", "-F", rw).CombinedOutput(); err != nil {
 			return fmt.Errorf("making writable placeholder: %w: %s", err, out)
 		}
-		cfg.Disks = append(cfg.Disks, vm.Disk{ID: "rootrw", Path: rw})
-		root.Upper = "/dev/vdb"
 	}
+	lay.attach(&cfg, ro, rw)
+	root := lay.root(false)
 	cfg.MemPath, cfg.MemShared = memPath, true
 	cfg.ConsoleLog = filepath.Join(ph, "console.log")
 	// The template VM's sockets get a short private directory of their own.
@@ -125,13 +116,14 @@ func BuildTemplate(ctx context.Context, b vm.Backend, cfg vm.Config, writableSiz
 // ensureTemplate returns the template for cfg, building it when none fits.
 func ensureTemplate(ctx context.Context, b vm.Backend, cfg vm.Config, l *shimapi.Launch) (*template.Template, bool, error) {
 	store := &template.Store{Dir: l.TemplateDir, MemDir: l.MemDir}
-	key, err := templateKey(ctx, b, cfg, l.WritableSize)
+	lay := layoutOf(l)
+	key, err := templateKey(ctx, b, cfg, lay)
 	if err != nil {
 		return nil, false, err
 	}
 	return store.Ensure(ctx, key, func(ctx context.Context, memPath, dir string) error {
 		logrus.Infof("building template %s (once per kernel, initramfs and VM shape)", key.ID())
-		return BuildTemplate(ctx, b, cfg, l.WritableSize, memPath, dir)
+		return BuildTemplate(ctx, b, cfg, lay, memPath, dir)
 	})
 }
 

@@ -42,6 +42,10 @@ type Config struct {
 	Rootfs string `toml:"rootfs"`
 	// WritableMiB is the size of each sandbox's writable layer.
 	WritableMiB int `toml:"writable_mib"`
+	// PmemMiB is the virtio-pmem region the read-only image is mapped
+	// through (DAX: the guest reads the host's page cache); images larger
+	// than it use virtio-blk. 0 always uses virtio-blk.
+	PmemMiB int `toml:"pmem_mib"`
 	// ImageCacheMiB bounds the read-only image cache.
 	ImageCacheMiB int `toml:"image_cache_mib"`
 	// CgroupParent is where containers without a cgroupsPath are placed.
@@ -65,6 +69,7 @@ func Default() Config {
 		Templates:          "on",
 		Rootfs:             "split",
 		WritableMiB:        1024,
+		PmemMiB:            512,
 		ImageCacheMiB:      4096,
 		CgroupParent:       "/rund",
 		CgroupPool:         "on",
@@ -127,6 +132,9 @@ func (c *Config) validate() error {
 	}
 	if c.VCPUs < 1 || c.MemoryMiB < 64 || c.WritableMiB < 16 {
 		return errors.New("vcpus must be >= 1, memory_mib >= 64, writable_mib >= 16")
+	}
+	if c.PmemMiB < 0 || c.PmemMiB%2 != 0 {
+		return fmt.Errorf("pmem_mib %d: want 0 or a positive multiple of 2", c.PmemMiB)
 	}
 	return nil
 }

@@ -8,7 +8,9 @@ import (
 	"github.com/rund-dev/rund/vm/agent/proto"
 )
 
-// Files inside a container's state directory.
+// Files inside a container's state directory; SocketFile is in its VM
+// directory (Launch.VMDir), whose path is short enough for a unix socket
+// whatever the length of the container id.
 const (
 	LaunchFile  = "launch.json" // Launch, written by create
 	SocketFile  = "shim.sock"   // control socket served by the shim
@@ -48,8 +50,12 @@ type Launch struct {
 
 	// RootImage is the read-only image (EROFS) attached as the first disk;
 	// the writable layer, when present, is fd WritableFd.
-	RootImage   string `json:"rootImage"`
-	HasWritable bool   `json:"hasWritable"`
+	RootImage     string `json:"rootImage"`
+	RootImageSize int64  `json:"rootImageSize,omitempty"`
+	// PmemSize is the virtio-pmem region for the image (0: virtio-blk);
+	// images larger than it go on virtio-blk.
+	PmemSize    int64 `json:"pmemSize,omitempty"`
+	HasWritable bool  `json:"hasWritable"`
 	// WritableSize is the writable layer's size in bytes (templates carry
 	// a placeholder of the same size).
 	WritableSize int64 `json:"writableSize,omitempty"`
