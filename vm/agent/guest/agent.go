@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rund-dev/rund/vm/agent/proto"
@@ -16,8 +17,20 @@ import (
 
 // agent is PID 1's state.
 type agent struct {
-	w      *proto.Writer
-	reaper *reaper
+	w       *proto.Writer
+	reaper  *reaper
+	zygotes *zygotePool
+
+	// stage holds mounts made in advance by the warm-up (under mu).
+	stage *stage
+
+	capOnce  sync.Once
+	capLastN int
+
+	// blockCacheClean is set when the warm-up dropped every cached block
+	// of the disks and nothing read them since: a clone of the template
+	// then has nothing of its template's disks to forget.
+	blockCacheClean atomic.Bool
 
 	modulesDone chan struct{} // closed once loadModules has finished
 	modulesErr  error         // set before modulesDone is closed
@@ -33,8 +46,10 @@ type agent struct {
 }
 
 func newAgent() *agent {
+	r := newReaper()
 	return &agent{
-		reaper:      newReaper(),
+		reaper:      r,
+		zygotes:     newZygotePool(r),
 		modulesDone: make(chan struct{}),
 		procs:       make(map[uint32]*process),
 	}
@@ -75,7 +90,12 @@ func (a *agent) dispatch(f proto.Frame) {
 		}
 	case proto.KindHello:
 		var h proto.Hello
-		a.decodeThen(f, &h, func() (proto.Reply, error) { return a.hello(h) })
+		if err := f.Decode(&h); err != nil {
+			a.replyErr(f, err)
+			return
+		}
+		r, err := a.hello(h)
+		a.replyAndLog(f, r, err)
 	case proto.KindCreate:
 		var req proto.CreateRequest
 		if err := f.Decode(&req); err != nil {
@@ -87,9 +107,13 @@ func (a *agent) dispatch(f proto.Frame) {
 			a.replyErr(f, err)
 			return
 		}
-		go func() { r, err := a.create(req, p); a.reply(f, r, err) }()
+		go func() {
+			r, err := a.create(req, p)
+			a.replyAndLog(f, r, err)
+			a.zygotes.refill(a.logf)
+		}()
 	case proto.KindStart:
-		go func() { r, err := a.start(f.Stream); a.reply(f, r, err) }()
+		go func() { r, err := a.start(f.Stream); a.replyAndLog(f, r, err) }()
 	case proto.KindExec:
 		var req proto.ExecRequest
 		if err := f.Decode(&req); err != nil {
@@ -101,7 +125,11 @@ func (a *agent) dispatch(f proto.Frame) {
 			a.replyErr(f, err)
 			return
 		}
-		go func() { r, err := a.exec(p); a.reply(f, r, err) }()
+		go func() {
+			r, err := a.exec(p)
+			a.replyAndLog(f, r, err)
+			a.zygotes.refill(a.logf)
+		}()
 	case proto.KindWarmup:
 		var req proto.WarmupRequest
 		if err := f.Decode(&req); err != nil {
@@ -116,7 +144,7 @@ func (a *agent) dispatch(f proto.Frame) {
 		var req proto.ResizeRequest
 		a.decodeThen(f, &req, func() (proto.Reply, error) { return proto.Reply{}, a.resize(f.Stream, req) })
 	case proto.KindPs:
-		a.reply(f, proto.Reply{Pids: containerPids()}, nil)
+		a.reply(f, proto.Reply{Pids: a.containerPids()}, nil)
 	case proto.KindPause:
 		a.reply(f, proto.Reply{}, signalAll(unix.SIGSTOP))
 	case proto.KindResume:
@@ -156,6 +184,16 @@ func (a *agent) reply(f proto.Frame, r proto.Reply, err error) {
 
 func (a *agent) replyErr(f proto.Frame, err error) { a.reply(f, proto.Reply{}, err) }
 
+// replyAndLog replies, then sends the host the reply's Info (where the
+// request's time went) as a log frame. Not to the console: under TCG the
+// serial console is slow enough to delay the next request.
+func (a *agent) replyAndLog(f proto.Frame, r proto.Reply, err error) {
+	a.reply(f, r, err)
+	if err == nil && r.Info != "" {
+		_ = a.w.Write(proto.Frame{Kind: proto.KindLog, Payload: []byte(f.Kind.String() + ": " + r.Info)})
+	}
+}
+
 // logf sends a diagnostic to the host (and the console).
 func (a *agent) logf(format string, args ...any) {
 	msg := fmt.Sprintf(format, args...)
@@ -170,44 +208,57 @@ func (a *agent) hello(h proto.Hello) (proto.Reply, error) {
 	if h.Version != proto.Version {
 		return proto.Reply{}, fmt.Errorf("protocol version %d, agent speaks %d", h.Version, proto.Version)
 	}
+	sp := newSteps()
 	if h.TimeUnixNano != 0 {
 		ts := unix.NsecToTimespec(h.TimeUnixNano)
 		if err := unix.ClockSettime(unix.CLOCK_REALTIME, &ts); err != nil {
 			return proto.Reply{}, fmt.Errorf("setting the clock: %w", err)
 		}
 	}
+	sp.mark("clock")
 	if len(h.Seed) > 0 {
 		if err := addEntropy(h.Seed); err != nil {
 			return proto.Reply{}, err
 		}
 	}
+	sp.mark("rng")
 	if h.Hostname != "" {
 		if err := unix.Sethostname([]byte(h.Hostname)); err != nil {
 			return proto.Reply{}, fmt.Errorf("setting hostname: %w", err)
 		}
 	}
+	sp.mark("identity")
 	// A clone's disks have other backing files than its template's: forget
 	// whatever the template cached of them.
-	flushBlockDevices()
-	info := fmt.Sprintf("agent serving %v after start", a.bootTime.Round(time.Millisecond))
-	a.logf("hello: %s", info)
+	if !a.blockCacheClean.Load() {
+		flushBlockDevices()
+		sp.mark("flush")
+	}
+	info := fmt.Sprintf("agent serving %v after start; hello %s", a.bootTime.Round(time.Millisecond), sp)
 	return proto.Reply{Version: proto.Version, Info: info}, nil
 }
 
-// addEntropy mixes seed into the kernel RNG and credits it.
+// addEntropy mixes seed into the kernel RNG, credits it, and reseeds the
+// CRNG from it at once: a clone's CRNG state is its template's (and its
+// siblings'), and crediting alone reseeds it only on the kernel's schedule.
 func addEntropy(seed []byte) error {
-	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	fd, err := unix.Open("/dev/urandom", unix.O_WRONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return fmt.Errorf("reseeding the RNG: %w", err)
 	}
-	defer f.Close()
+	defer unix.Close(fd)
 	// struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
 	buf := make([]byte, 8+(len(seed)+3)/4*4)
 	binary.NativeEndian.PutUint32(buf[0:], uint32(len(seed)*8))
 	binary.NativeEndian.PutUint32(buf[4:], uint32(len(seed)))
 	copy(buf[8:], seed)
-	if err := ioctlPtr(int(f.Fd()), unix.RNDADDENTROPY, &buf[0]); err != nil {
+	if err := ioctlPtr(fd, unix.RNDADDENTROPY, &buf[0]); err != nil {
 		return fmt.Errorf("reseeding the RNG: %w", err)
+	}
+	// ENODATA: the CRNG is not ready yet, and the credit just given makes
+	// it reseed when it becomes so.
+	if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.RNDRESEEDCRNG, 0); e != 0 && e != unix.ENODATA {
+		return fmt.Errorf("reseeding the RNG: %w", e)
 	}
 	return nil
 }
@@ -263,14 +314,14 @@ func (a *agent) resize(stream uint32, req proto.ResizeRequest) error {
 	return p.stdio.resize(req.Rows, req.Cols)
 }
 
-// containerPids lists every live process but the agent and kernel threads
-// (zombies, already dead, are left out).
-func containerPids() []int {
+// containerPids lists every live process but the agent, its idle helpers
+// and kernel threads (zombies, already dead, are left out).
+func (a *agent) containerPids() []int {
 	ents, _ := os.ReadDir("/proc")
 	pids := []int{}
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == 1 || !isContainerProcess(pid) {
+		if err != nil || pid == 1 || a.zygotes.isZygote(pid) || !isContainerProcess(pid) {
 			continue
 		}
 		pids = append(pids, pid)
@@ -299,19 +350,21 @@ func isContainerProcess(pid int) bool {
 	return flags&pfKthread == 0
 }
 
-// killAll SIGKILLs every container process and waits, up to timeout, until
-// they are gone.
-func killAll(timeout time.Duration) {
+// killAll SIGKILLs every container process (and the idle helpers: no
+// process is started after this) and waits, up to timeout, until they are
+// gone.
+func (a *agent) killAll(timeout time.Duration) {
+	a.zygotes.close()
 	_ = signalAll(unix.SIGKILL)
 	deadline := time.Now().Add(timeout)
-	for len(containerPids()) > 0 && time.Now().Before(deadline) {
+	for len(a.containerPids()) > 0 && time.Now().Before(deadline) {
 		time.Sleep(2 * time.Millisecond)
 	}
 }
 
 // shutdown kills every container process, unmounts, syncs and powers off.
 func (a *agent) shutdown(f proto.Frame) {
-	killAll(time.Second)
+	a.killAll(time.Second)
 	a.mu.Lock()
 	c := a.ctr
 	a.mu.Unlock()

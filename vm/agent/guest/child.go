@@ -19,26 +19,29 @@ const childSockFd = 3
 
 const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-// childMain is the helper child: it gets its config from the agent, enters
-// the container and drops privileges, tells the agent it is ready, waits to
-// be released and execs the container's program. Credentials are per thread
-// in Linux: everything runs on one locked thread, which is the one that
-// execs.
+// childMain is the helper child (a zygote until it is given a process): it
+// tells the agent it is up, waits for its config and stdio, enters the
+// container and drops privileges, tells the agent it is ready, waits to be
+// released and execs the container's program. Credentials and the mount
+// namespace are per thread in Linux: everything runs on one locked thread,
+// which is the one that execs.
 func childMain() {
 	runtime.LockOSThread()
 	// Inherited fds lose close-on-exec; the agent learns that exec happened
 	// from this socket closing.
 	unix.CloseOnExec(childSockFd)
-	sock := os.NewFile(childSockFd, "sync")
-	var cfg childConfig
-	if err := json.NewDecoder(sock).Decode(&cfg); err != nil {
-		childFail(fmt.Errorf("reading config: %w", err), 1)
-	}
-	exe, err := setupChild(cfg)
+	prepareChild()
+	childSend(childMsg{Idle: true})
+	cfg, err := receiveConfig()
 	if err != nil {
 		childFail(err, 1)
 	}
-	childSend(childMsg{Ready: true})
+	sp := newSteps()
+	exe, err := setupChild(cfg, sp)
+	if err != nil {
+		childFail(err, 1)
+	}
+	childSend(childMsg{Ready: true, Info: sp.String()})
 	var b [1]byte
 	for {
 		n, err := unix.Read(childSockFd, b[:])
@@ -56,6 +59,22 @@ func childMain() {
 	}
 	err = unix.Exec(exe, cfg.Process.Args, env)
 	childFail(fmt.Errorf("exec %s: %w", cfg.Process.Args[0], err), 127)
+}
+
+// prepareChild does, while the zygote is idle (in a template: before the
+// snapshot), the one-time work its request would otherwise start with.
+func prepareChild() {
+	u := uint32(0o22)
+	sample := childConfig{Root: "/", CapLast: lastKnownCap, Process: proto.Process{
+		Args: []string{"true"}, Env: []string{"PATH=/bin"}, Cwd: "/", AdditionalGids: []uint32{0},
+		Umask: &u, Rlimits: []proto.Rlimit{{Type: "RLIMIT_NOFILE", Hard: 1, Soft: 1}},
+		Capabilities: &proto.Capabilities{Bounding: []string{"CAP_KILL"}, Effective: []string{"CAP_KILL"},
+			Inheritable: []string{"CAP_KILL"}, Permitted: []string{"CAP_KILL"}, Ambient: []string{"CAP_KILL"}},
+	}}
+	if b, err := json.Marshal(sample); err == nil {
+		_ = json.Unmarshal(b, &childConfig{})
+	}
+	_, _ = json.Marshal(childMsg{Ready: true})
 }
 
 func childSend(m childMsg) {
@@ -78,11 +97,25 @@ func childFail(err error, status int) {
 }
 
 // setupChild does everything but exec, and returns the program to exec.
-func setupChild(cfg childConfig) (string, error) {
+func setupChild(cfg childConfig, sp *steps) (string, error) {
 	p := cfg.Process
+	if p.Terminal {
+		// The helper leads its own session (setsid at fork): its terminal
+		// becomes the session's controlling terminal.
+		if err := unix.IoctlSetInt(0, unix.TIOCSCTTY, 1); err != nil {
+			return "", fmt.Errorf("setting the controlling terminal: %w", err)
+		}
+	}
+	// A spare helper started while the container runs was niced.
+	_ = unix.Setpriority(unix.PRIO_PROCESS, 0, 0)
+	if err := unix.Unshare(unix.CLONE_NEWNS); err != nil {
+		return "", fmt.Errorf("unsharing the mount namespace: %w", err)
+	}
+	sp.mark("unshare")
 	if err := enterRoot(cfg.Root); err != nil {
 		return "", fmt.Errorf("entering the container root: %w", err)
 	}
+	sp.mark("root")
 	if err := setRlimits(p.Rlimits); err != nil {
 		return "", err
 	}
@@ -101,10 +134,12 @@ func setupChild(cfg childConfig) (string, error) {
 	if err := unix.Chdir(cwd); err != nil {
 		return "", fmt.Errorf("chdir to cwd (%q) set in config.json: %w", cwd, err)
 	}
+	sp.mark("credentials")
 	exe, err := lookPath(p.Args[0], p.Env)
 	if err != nil {
 		return "", err
 	}
+	sp.mark("path")
 	if p.NoNewPrivileges {
 		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 			return "", fmt.Errorf("setting no_new_privs: %w", err)

@@ -4,8 +4,18 @@
 //
 // The agent is the same static binary as the host CLI. It starts container
 // processes by re-executing itself (/proc/self/exe) with argv[0] set to
-// childArg0: that helper child enters the container root, drops privileges,
-// waits until the agent releases it, then execs the container's program.
+// childArg0: that helper child gets the process and its stdio from the
+// agent, enters the container root in its own mount namespace, drops
+// privileges, waits until the agent releases it, then execs the container's
+// program. Helpers are started ahead of need (zygotes, see zygote.go): the
+// warm-up leaves two in the template, so a clone's Create and first Exec
+// start no process; a used one is replaced in the background.
+//
+// A clone of a template runs every code path it takes for the first time
+// (under TCG, QEMU translates it again), so the warm-up also leaves ready
+// what does not depend on the container: a container directory and the
+// usual spec mounts (stage.go). Every request's Reply.Info says where its
+// time went.
 //
 // Layout of the agent's own namespace:
 //
@@ -13,6 +23,8 @@
 //	/rund/<id>/upper   the writable ext4 layer (upper/ and work/ inside)
 //	/rund/<id>/root    the container root (overlay, or a bind of lower)
 //	/rund/<id>/files   a tmpfs holding the files bind-mounted from Mount.Data
+//	/rund-spare        a container directory made ahead, renamed to /rund/<id>
+//	/rund-stage        the staged mounts, moved into the root by Create
 //
 // Every helper child gets its own copy of that mount namespace, moves the
 // container root onto / and chroots into it, after detaching every other
@@ -25,6 +37,8 @@
 //     every other process is killed before its Exit is sent.
 //   - Each process gets its own copy of the mount namespace: mounts a
 //     container process makes later are not seen by exec'd processes.
+//   - The writable layer is mounted without its journal or cache flushes
+//     (it vanishes with the sandbox; nothing of it must survive a crash).
 //   - Not done: seccomp, AppArmor/SELinux labels, devices beyond the
 //     standard nodes, cgroup v1 layouts (a cgroup mount is cgroup2, best
 //     effort), /dev/console bound to the terminal. Closing a terminal's

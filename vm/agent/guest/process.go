@@ -7,7 +7,6 @@ import (
 	"io"
 	"os"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/rund-dev/rund/vm/agent/proto"
@@ -50,6 +49,11 @@ type childConfig struct {
 type childMsg struct {
 	Ready bool   `json:"ready,omitempty"`
 	Error string `json:"error,omitempty"`
+	// Idle is the first message of a zygote: it is up and waits for a
+	// config.
+	Idle bool `json:"idle,omitempty"`
+	// Info says how long the setup steps took, for the debug log.
+	Info string `json:"info,omitempty"`
 }
 
 // register reserves a stream for a new process. Stdin frames that arrive
@@ -96,49 +100,33 @@ func (p *process) closeStdinQueue() {
 	}
 }
 
-// spawn starts the helper child for p in the container root, and returns once
-// the child is set up and blocked before exec.
-func (a *agent) spawn(p *process, root string) error {
+// spawn gives p to a helper child in the container root, and returns once
+// the child is set up and blocked before exec. The helper is a zygote from
+// the pool when there is one (see zygote.go), else one started now.
+func (a *agent) spawn(p *process, root string, sp *steps) error {
 	st, err := newStdio(p.spec, ptmxFor(root))
 	if err != nil {
 		return err
 	}
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	sp.mark("stdio")
+	z, pooled, err := a.zygotes.take()
 	if err != nil {
 		st.closeAll()
-		return fmt.Errorf("making sync socket: %w", err)
+		return err
 	}
-	_ = unix.SetNonblock(fds[0], true)
-	sock := os.NewFile(uintptr(fds[0]), "sync")
-	attr := &syscall.ProcAttr{
-		Dir:   "/",
-		Env:   []string{},
-		Files: append(st.childFds(), uintptr(fds[1])),
-		Sys: &syscall.SysProcAttr{
-			Setsid:     true,
-			Setctty:    p.spec.Terminal,
-			Ctty:       0,
-			Cloneflags: unix.CLONE_NEWNS,
-		},
+	if pooled {
+		sp.mark(fmt.Sprintf("helper %d from the pool", z.pid))
+	} else {
+		sp.mark(fmt.Sprintf("helper %d started", z.pid))
 	}
-	pid, exitCh, err := a.reaper.start(func() (int, error) {
-		return syscall.ForkExec("/proc/self/exe", []string{childArg0}, attr)
-	})
-	unix.Close(fds[1])
+	cfg := childConfig{Root: root, Process: p.spec, CapLast: a.capLast()}
+	serr := z.send(cfg, st.childFds())
 	st.closeChild()
-	if err != nil {
-		st.closeAll()
-		sock.Close()
-		return fmt.Errorf("starting helper: %w", err)
-	}
-	p.pid, p.stdio, p.exitCh, p.sock = pid, st, exitCh, sock
-	p.dec = json.NewDecoder(sock)
+	p.pid, p.stdio, p.exitCh, p.sock, p.dec = z.pid, st, z.exitCh, z.sock, z.dec
 	st.relay(a.w, p.stream)
 	go st.writeStdin(p.stdinQ)
-
-	cfg := childConfig{Root: root, Process: p.spec, CapLast: capLast()}
-	if err := json.NewEncoder(sock).Encode(cfg); err != nil {
-		return p.failed(fmt.Errorf("sending config to helper: %w", err))
+	if serr != nil {
+		return p.failed(serr)
 	}
 	var msg childMsg
 	if err := p.dec.Decode(&msg); err != nil {
@@ -147,6 +135,8 @@ func (a *agent) spawn(p *process, root string) error {
 	if msg.Error != "" {
 		return p.failed(errors.New(msg.Error))
 	}
+	sp.mark("helper ready")
+	sp.note("helper: %s", msg.Info)
 	return nil
 }
 
@@ -200,7 +190,7 @@ func (a *agent) watch(p *process) {
 	if p.stream == proto.InitStream {
 		// As with a PID namespace: when the container's init exits, every
 		// other container process is killed.
-		killAll(time.Second)
+		a.killAll(time.Second)
 		a.mu.Lock()
 		if a.ctr != nil {
 			a.ctr.initExited = true
@@ -226,7 +216,13 @@ func (a *agent) create(req proto.CreateRequest, p *process) (proto.Reply, error)
 		return proto.Reply{}, fmt.Errorf("create %s: container %s already exists", req.ID, a.ctr.id)
 	}
 	a.mu.Unlock()
-	c, err := buildContainer(req, a.logf)
+	sp := newSteps()
+	a.blockCacheClean.Store(false)
+	a.mu.Lock()
+	st := a.stage
+	a.stage = nil
+	a.mu.Unlock()
+	c, err := buildContainer(req, st, a.logf, sp)
 	if err != nil {
 		a.unregister(p)
 		if a.modulesErr != nil {
@@ -234,7 +230,7 @@ func (a *agent) create(req proto.CreateRequest, p *process) (proto.Reply, error)
 		}
 		return proto.Reply{}, fmt.Errorf("create %s: %w", req.ID, err)
 	}
-	if err := a.spawn(p, c.root); err != nil {
+	if err := a.spawn(p, c.root, sp); err != nil {
 		a.unregister(p)
 		if terr := c.teardown(); terr != nil {
 			a.logf("create %s: %v", req.ID, terr)
@@ -245,7 +241,7 @@ func (a *agent) create(req proto.CreateRequest, p *process) (proto.Reply, error)
 	a.ctr = c
 	a.mu.Unlock()
 	go a.watch(p)
-	return proto.Reply{Pid: p.pid}, nil
+	return proto.Reply{Pid: p.pid, Info: sp.String()}, nil
 }
 
 // start releases the init process into exec.
@@ -256,10 +252,11 @@ func (a *agent) start(stream uint32) (proto.Reply, error) {
 	if p == nil || p.sock == nil {
 		return proto.Reply{}, fmt.Errorf("start: no created process on stream %d", stream)
 	}
+	sp := newSteps()
 	if err := p.release(); err != nil {
 		return proto.Reply{}, fmt.Errorf("start: %w", err)
 	}
-	return proto.Reply{}, nil
+	return proto.Reply{Info: sp.String()}, nil
 }
 
 // exec runs another process in the container, at once.
@@ -276,7 +273,8 @@ func (a *agent) exec(p *process) (proto.Reply, error) {
 		a.unregister(p)
 		return proto.Reply{}, errors.New("exec: the container's init process has exited")
 	}
-	if err := a.spawn(p, c.root); err != nil {
+	sp := newSteps()
+	if err := a.spawn(p, c.root, sp); err != nil {
 		a.unregister(p)
 		return proto.Reply{}, fmt.Errorf("exec: %w", err)
 	}
@@ -284,11 +282,18 @@ func (a *agent) exec(p *process) (proto.Reply, error) {
 	if err := p.release(); err != nil {
 		return proto.Reply{}, fmt.Errorf("exec: %w", err)
 	}
-	return proto.Reply{Pid: p.pid}, nil
+	sp.mark("exec")
+	return proto.Reply{Pid: p.pid, Info: sp.String()}, nil
 }
 
-// capLast is the highest capability number the kernel knows.
-func capLast() int {
+// capLast is the highest capability number the kernel knows (read once:
+// a clone runs its template's kernel).
+func (a *agent) capLast() int {
+	a.capOnce.Do(func() { a.capLastN = readCapLast() })
+	return a.capLastN
+}
+
+func readCapLast() int {
 	b, err := os.ReadFile("/proc/sys/kernel/cap_last_cap")
 	if err != nil {
 		return lastKnownCap

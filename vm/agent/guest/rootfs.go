@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -26,22 +27,23 @@ type container struct {
 
 // buildContainer mounts the root and applies the spec's mounts, devices,
 // masked and read-only paths, sysctls and hostname.
-func buildContainer(req proto.CreateRequest, warn func(string, ...any)) (*container, error) {
-	c, err := mountRoot(req.ID, req.Root)
+func buildContainer(req proto.CreateRequest, st *stage, warn func(string, ...any), sp *steps) (*container, error) {
+	c, err := mountRoot(req.ID, req.Root, sp)
 	if err != nil {
 		return nil, err
 	}
-	if err := c.setup(req, warn); err != nil {
+	if err := c.setup(req, st, warn, sp); err != nil {
 		if terr := c.teardown(); terr != nil {
 			warn("%v", terr)
 		}
 		return nil, err
 	}
+	sp.mark("mounts")
 	return c, nil
 }
 
 // mountRoot mounts the layers of r and the container root over them.
-func mountRoot(id string, r proto.Root) (_ *container, err error) {
+func mountRoot(id string, r proto.Root, sp *steps) (_ *container, err error) {
 	name := strings.NewReplacer("/", "_", "\x00", "_").Replace(id)
 	if name == "" || name == "." || name == ".." {
 		return nil, fmt.Errorf("bad container id %q", id)
@@ -51,18 +53,16 @@ func mountRoot(id string, r proto.Root) (_ *container, err error) {
 	if _, err := os.Stat(c.dir); err == nil {
 		return nil, fmt.Errorf("container %s already exists in the guest", id)
 	}
-	for _, d := range []string{"lower", "upper", "root", "files"} {
-		if err := os.MkdirAll(filepath.Join(c.dir, d), 0o700); err != nil {
-			return nil, err
-		}
-	}
 	defer func() {
 		if err != nil {
 			_ = c.teardown()
 		}
 	}()
-	if err := unix.Mount("tmpfs", filepath.Join(c.dir, "files"), "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0755"); err != nil {
-		return nil, fmt.Errorf("mounting tmpfs for bind-mounted files: %w", err)
+	if err := os.Rename(spareDir, c.dir); err != nil {
+		// No spare (a cold boot, or a second root): make one in place.
+		if err := makeContainerDir(c.dir); err != nil {
+			return nil, err
+		}
 	}
 	if r.SharedTag != "" {
 		var flags uintptr
@@ -89,6 +89,7 @@ func mountRoot(id string, r proto.Root) (_ *container, err error) {
 	if err := unix.Mount(r.Lower, lower, typ, unix.MS_RDONLY, data); err != nil {
 		return nil, fmt.Errorf("mounting %s (%s, %q) on %s: %w", r.Lower, typ, data, lower, err)
 	}
+	sp.mark("lower")
 	if r.Upper == "" {
 		if err := unix.Mount(lower, c.root, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
 			return nil, fmt.Errorf("binding %s on %s: %w", lower, c.root, err)
@@ -99,9 +100,10 @@ func mountRoot(id string, r proto.Root) (_ *container, err error) {
 	if err := waitDevice(r.Upper); err != nil {
 		return nil, err
 	}
-	if err := unix.Mount(r.Upper, upper, "ext4", 0, ""); err != nil {
-		return nil, fmt.Errorf("mounting %s (ext4) on %s: %w", r.Upper, upper, err)
+	if err := unix.Mount(r.Upper, upper, "ext4", 0, upperOptions); err != nil {
+		return nil, fmt.Errorf("mounting %s (ext4, %q) on %s: %w", r.Upper, upperOptions, upper, err)
 	}
+	sp.mark("upper")
 	for _, d := range []string{"upper", "work"} {
 		if err := os.MkdirAll(filepath.Join(upper, d), 0o755); err != nil {
 			return nil, fmt.Errorf("preparing the writable layer: %w", err)
@@ -111,18 +113,58 @@ func mountRoot(id string, r proto.Root) (_ *container, err error) {
 	if err := unix.Mount("overlay", c.root, "overlay", 0, opts); err != nil {
 		return nil, fmt.Errorf("mounting overlay (%s): %w", opts, err)
 	}
+	sp.mark("overlay")
 	return c, nil
 }
 
-// setup applies everything of req but the process under the root.
-func (c *container) setup(req proto.CreateRequest, warn func(string, ...any)) error {
+// upperOptions are the writable layer's ext4 options. The layer lives and
+// dies with the sandbox (its host file is unlinked once opened), so nothing
+// of it needs to survive a crash: without the journal and cache flushes a
+// clone runs (and translates, under TCG) much less kernel code, and the
+// host syncs nothing.
+const upperOptions = "noload,nobarrier"
+
+// spareDir is a container directory made in advance (by the warm-up, so a
+// clone finds it in its template), renamed to /rund/<id> by the next root.
+const spareDir = "/rund-spare"
+
+// makeContainerDir makes dir with the layout of a container directory: the
+// mount points, and a tmpfs for the bind-mounted files.
+func makeContainerDir(dir string) error {
+	for _, d := range []string{"lower", "upper", "root", "files"} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o700); err != nil {
+			return err
+		}
+	}
+	if err := unix.Mount("tmpfs", filepath.Join(dir, "files"), "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0755"); err != nil {
+		return fmt.Errorf("mounting tmpfs for bind-mounted files: %w", err)
+	}
+	return nil
+}
+
+// setup applies everything of req but the process under the root. The
+// groups of mounts that st (if any) holds ready are moved in; st is used up.
+func (c *container) setup(req proto.CreateRequest, st *stage, warn func(string, ...any), sp *steps) error {
 	rootfd, err := unix.Open(c.root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return fmt.Errorf("opening root: %w", err)
 	}
 	defer unix.Close(rootfd)
+	staged := st.match(req)
+	defer st.discard()
+	if len(staged) > 0 {
+		sp.note("%d staged mount groups", len(staged))
+	}
 	files := filepath.Join(c.dir, "files")
 	for i, m := range req.Mounts {
+		if g := groupOf(staged, m.Destination); g != nil {
+			if path.Clean("/"+m.Destination) == g.dest {
+				if err := st.moveInto(rootfd, g); err != nil {
+					return fmt.Errorf("mount %s (%s): %w", m.Destination, m.Type, err)
+				}
+			}
+			continue
+		}
 		if err := applyMount(rootfd, files, i, m, warn); err != nil {
 			return fmt.Errorf("mount %s (%s): %w", m.Destination, m.Type, err)
 		}
@@ -147,11 +189,17 @@ func (c *container) setup(req proto.CreateRequest, warn func(string, ...any)) er
 		}
 	}
 	for _, p := range req.ReadonlyPaths {
+		if groupOf(staged, p) != nil {
+			continue
+		}
 		if err := readonlyPath(rootfd, p); err != nil {
 			return fmt.Errorf("read-only path %s: %w", p, err)
 		}
 	}
 	for _, p := range req.MaskedPaths {
+		if groupOf(staged, p) != nil {
+			continue
+		}
 		if err := maskPath(rootfd, p); err != nil {
 			return fmt.Errorf("masked path %s: %w", p, err)
 		}

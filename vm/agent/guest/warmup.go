@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"time"
 
@@ -13,23 +14,19 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// warmupMounts are the mounts a typical OCI config asks for, applied once
-// during warm-up so that clones find their kernel paths warm.
-var warmupMounts = []proto.Mount{
-	{Destination: "/proc", Type: "proc", Source: "proc"},
-	{Destination: "/dev", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "strictatime", "mode=755", "size=65536k"}},
-	{Destination: "/dev/pts", Type: "devpts", Source: "devpts", Options: []string{"nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"}},
-	{Destination: "/dev/shm", Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "noexec", "nodev", "mode=1777", "size=65536k"}},
-	{Destination: "/dev/mqueue", Type: "mqueue", Source: "mqueue", Options: []string{"nosuid", "noexec", "nodev"}},
-	{Destination: "/sys", Type: "sysfs", Source: "sysfs", Options: []string{"nosuid", "noexec", "nodev", "ro"}},
-	{Destination: "/etc/hostname", Type: "bind", Options: []string{"rbind", "ro"}, Data: []byte("warmup\n")},
-}
+// warmupMounts are the usual mounts plus a bind-mounted file, applied once
+// during warm-up so that the template has run their paths.
+var warmupMounts = append(slices.Clone(usualMounts),
+	proto.Mount{Destination: "/etc/hostname", Type: "bind", Options: []string{"rbind", "ro"}, Data: []byte("warmup\n")})
 
 // warmup does once, during a template build, what every sandbox will do:
 // mount a root, run the spawn path (with pipes and with a terminal), tear
-// it all down, then drop caches so the snapshot holds no stale blocks.
+// it all down. It then leaves ready what a clone's Create can use as it is
+// (a container directory, the usual mounts, spare helpers), and drops
+// caches so the snapshot holds no stale blocks.
 func (a *agent) warmup(req proto.WarmupRequest) (proto.Reply, error) {
 	<-a.modulesDone
+	a.blockCacheClean.Store(false)
 	t := time.Now()
 	var did []string
 	if a.modulesErr != nil {
@@ -39,8 +36,8 @@ func (a *agent) warmup(req proto.WarmupRequest) (proto.Reply, error) {
 		ID:            "warmup",
 		Root:          req.Root,
 		Mounts:        warmupMounts,
-		MaskedPaths:   []string{"/proc/kcore", "/sys/firmware"},
-		ReadonlyPaths: []string{"/proc/sys"},
+		MaskedPaths:   usualMasked,
+		ReadonlyPaths: usualReadonly,
 	}
 	var c *container
 	var err error
@@ -48,13 +45,13 @@ func (a *agent) warmup(req proto.WarmupRequest) (proto.Reply, error) {
 		c, err = tmpfsContainer(creq.ID)
 		did = append(did, "root: tmpfs")
 	} else {
-		c, err = mountRoot(creq.ID, req.Root)
+		c, err = mountRoot(creq.ID, req.Root, newSteps())
 		did = append(did, fmt.Sprintf("root: %s", describeRoot(req.Root)))
 	}
 	if err != nil {
 		return proto.Reply{}, fmt.Errorf("warmup: %w", err)
 	}
-	if err := c.setup(creq, a.logf); err != nil {
+	if err := c.setup(creq, nil, a.logf, newSteps()); err != nil {
 		_ = c.teardown()
 		return proto.Reply{}, fmt.Errorf("warmup: %w", err)
 	}
@@ -65,10 +62,35 @@ func (a *agent) warmup(req proto.WarmupRequest) (proto.Reply, error) {
 	if err := c.teardown(); err != nil {
 		return proto.Reply{}, fmt.Errorf("warmup: %w", err)
 	}
+	if _, err := os.Stat(spareDir); err != nil {
+		if err := makeContainerDir(spareDir); err != nil {
+			return proto.Reply{}, fmt.Errorf("warmup: %w", err)
+		}
+	}
+	a.mu.Lock()
+	old := a.stage
+	a.stage = nil
+	a.mu.Unlock()
+	old.discard()
+	if st, err := buildStage(stageDir, a.logf); err != nil {
+		did = append(did, fmt.Sprintf("no staged mounts: %v", err))
+	} else {
+		a.mu.Lock()
+		a.stage = st
+		a.mu.Unlock()
+		did = append(did, fmt.Sprintf("staged mounts: %d groups", len(st.groups)))
+	}
+	if err := a.zygotes.fill(zygoteTarget); err != nil {
+		return proto.Reply{}, fmt.Errorf("warmup: %w", err)
+	}
+	did = append(did, "spare helpers: "+a.zygotes.describe())
+	_ = a.capLast()
 	unix.Sync()
 	flushBlockDevices()
 	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0o644); err != nil {
 		did = append(did, fmt.Sprintf("drop_caches: %v", err))
+	} else {
+		a.blockCacheClean.Store(true)
 	}
 	runtime.GC()
 	debug.FreeOSMemory()
@@ -85,7 +107,7 @@ func (a *agent) warmSpawn(spec proto.Process, root string) string {
 	if spec.Terminal {
 		mode = "terminal"
 	}
-	if err := a.spawn(p, root); err != nil {
+	if err := a.spawn(p, root, newSteps()); err != nil {
 		p.closeStdinQueue()
 		if strings.Contains(err.Error(), "executable file not found") {
 			return fmt.Sprintf("spawn (%s): helper set up, no program to run", mode)
