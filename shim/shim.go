@@ -108,7 +108,7 @@ func (s *shim) run(dir string, sync *os.File) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("connecting to the guest agent: %w", err)
 	}
-	s.agent = client.New(conn)
+	s.agent = client.New(conn, client.WithLogs(func(m string) { logrus.Debugf("agent: %s", m) }))
 	if err := s.hello(ctx); err != nil {
 		return 0, err
 	}
