@@ -40,8 +40,8 @@ func ResolvePath(cgroupsPath string, systemd bool, id string) (parent, name stri
 	}
 	p = path.Clean(p)
 	parent, name = path.Split(p)
-	if name == "" || parent == "/" {
-		return "", "", fmt.Errorf("resolving cgroupsPath %q: %w: needs a parent and a name", cgroupsPath, ErrInvalidName)
+	if name == "" {
+		return "", "", fmt.Errorf("resolving cgroupsPath %q: %w: needs a name", cgroupsPath, ErrInvalidName)
 	}
 	return path.Clean(parent), name, nil
 }

@@ -21,7 +21,7 @@ func TestResolvePath(t *testing.T) {
 		{name: "relative", path: "pods/abc", parent: "/rund/pods", cg: "abc"},
 		{name: "relative leaf", path: "abc", parent: "/rund", cg: "abc"},
 		{name: "dotdot", path: "/a/../../b", wantInvalid: true},
-		{name: "top level", path: "/abc", wantInvalid: true},
+		{name: "top level", path: "/abc", parent: "/", cg: "abc"},
 		{name: "systemd empty", systemd: true, parent: "/system.slice", cg: "rund-abc.scope"},
 		{name: "systemd libpod", path: "machine.slice:libpod:abc", systemd: true, parent: "/machine.slice", cg: "libpod-abc.scope"},
 		{name: "systemd nested", path: "machine-libpod_pod_x.slice:crio:abc", systemd: true, parent: "/machine.slice/machine-libpod_pod_x.slice", cg: "crio-abc.scope"},

@@ -27,9 +27,12 @@ rm -f "$out"/modules/*.ko
 cp "$tmp/x/boot/vmlinuz-$ver" "$out/vmlinuz.tmp"
 # Load order matters: dependencies first.
 # The channel's modules come first so the agent can answer before the disk
-# and pmem drivers finish probing.
+# and pmem drivers finish probing: virtio_console for QEMU's virtio-serial
+# port, the vsock ones for Cloud Hypervisor's vsock (the agent skips those
+# when the VM has no vsock device; see vm/agent/guest/channel.go).
 order="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
-virtio_console virtio_blk libnvdimm nd_btt nd_pmem nd_virtio virtio_pmem
+virtio_console vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
+virtio_blk libnvdimm nd_btt nd_pmem nd_virtio virtio_pmem
 libcrc32c erofs overlay"
 : >"$out/modules/order"
 for m in $order; do

@@ -63,7 +63,7 @@ func Default() Config {
 		MemDir:             "/dev/shm/rund",
 		Hypervisor:         "qemu",
 		Accel:              "auto",
-		TBSizeMiB:          8,
+		TBSizeMiB:          32,
 		VCPUs:              1,
 		MemoryMiB:          256,
 		Templates:          "on",

@@ -8,12 +8,14 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/rund-dev/rund/vm/agent/proto"
 )
 
 // AgentPort is the guest vsock port the rund agent listens on for the host's
 // channel (vm/agent/proto frames). The host connects to it; the guest never
 // dials out.
-const AgentPort = 1024
+const AgentPort = proto.VsockPort
 
 // vsockCID is the guest's vsock context id. Cloud Hypervisor's vsock is a
 // per-VMM userspace bridge, so every VM can use the lowest guest CID.

@@ -36,8 +36,8 @@ var earlyMounts = []earlyMount{
 	{"/tmp", "tmpfs", "mode=1777", unix.MS_NOSUID | unix.MS_NODEV},
 }
 
-// agentMain is PID 1: mount the basics, load modules, find the channel and
-// serve it forever.
+// agentMain is PID 1: mount the basics, load modules, find the channel
+// (channel.go) and serve it forever.
 func agentMain() {
 	start := time.Now()
 	unix.Umask(0)
@@ -56,7 +56,7 @@ func agentMain() {
 	go a.reaper.run()
 	go a.loadModules()
 
-	port, err := openPort()
+	ch, err := openChannel()
 	if err != nil {
 		// Without a channel there is nothing to serve; power off so the
 		// host sees the VM exit rather than hang.
@@ -64,7 +64,7 @@ func agentMain() {
 		powerOff()
 	}
 	a.bootTime = time.Since(start)
-	a.serve(port)
+	a.serveChannel(ch)
 }
 
 // ignoreSignals makes PID 1 immune to stray signals (the kernel only delivers
@@ -105,10 +105,14 @@ func (a *agent) loadModules() {
 	// after its user fails with ENOENT, unknown symbol) while that helps.
 	pending := names
 	var failed []string
+	wanted := moduleFilter("/sys")
 	for len(pending) > 0 {
 		var again []string
 		failed = failed[:0]
 		for _, n := range pending {
+			if !wanted(n) {
+				continue
+			}
 			if err := loadModule(filepath.Join(modulesDir, n)); err != nil {
 				again = append(again, n)
 				failed = append(failed, fmt.Sprintf("%s: %v", n, err))
@@ -145,39 +149,6 @@ func loadModule(path string) error {
 		return err
 	}
 	return nil
-}
-
-// openPort waits for the virtio-serial port named rund.agent and opens it.
-func openPort() (*os.File, error) {
-	deadline := time.Now().Add(30 * time.Second)
-	warned := false
-	for {
-		if dev := findPort(); dev != "" {
-			f, err := os.OpenFile(dev, os.O_RDWR|unix.O_CLOEXEC, 0)
-			if err == nil {
-				return f, nil
-			}
-			if !errors.Is(err, os.ErrNotExist) {
-				return nil, fmt.Errorf("opening %s: %w", dev, err)
-			}
-		}
-		if time.Now().After(deadline) && !warned {
-			consolef("rund-agent: still waiting for virtio-serial port %q", portName)
-			warned = true
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
-func findPort() string {
-	names, _ := filepath.Glob("/sys/class/virtio-ports/vport*/name")
-	for _, n := range names {
-		b, err := os.ReadFile(n)
-		if err == nil && strings.TrimSpace(string(b)) == portName {
-			return "/dev/" + filepath.Base(filepath.Dir(n))
-		}
-	}
-	return ""
 }
 
 // portReader reads the channel, waiting while the host is not connected

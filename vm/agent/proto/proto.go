@@ -22,6 +22,11 @@ const HeaderSize = 13
 // InitStream is the stream of the container's init process.
 const InitStream = 1
 
+// VsockPort is the AF_VSOCK port the agent listens on when the VM has a
+// vsock device instead of the virtio-serial port (Cloud Hypervisor); the
+// host connects to it.
+const VsockPort = 1024
+
 // Kind identifies a frame.
 type Kind uint8
 
