@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -142,10 +143,14 @@ func formatBase(ctx context.Context, path string, size int64) error {
 }
 
 // removeStaleBases removes base images whose formatting crashed: a format in
-// progress holds its file locked.
+// progress holds its file locked. A file younger than a minute is left
+// alone too: its creator may not have locked it yet.
 func removeStaleBases(dir string) {
 	matches, _ := filepath.Glob(filepath.Join(dir, ".base-*.tmp"))
 	for _, m := range matches {
+		if fi, err := os.Stat(m); err != nil || time.Since(fi.ModTime()) < time.Minute {
+			continue
+		}
 		f, err := os.Open(m)
 		if err != nil {
 			continue

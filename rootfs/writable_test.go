@@ -255,8 +255,13 @@ func freeBytes(t *testing.T, dir string) int64 {
 func TestOpenWritableStoreConcurrent(t *testing.T) {
 	requires(t, false, "mkfs.ext4")
 	dir := t.TempDir()
-	// A crash's leftover: unlocked, so removed.
-	if err := os.WriteFile(filepath.Join(dir, ".base-1.tmp"), []byte("x"), 0o600); err != nil {
+	// A crash's leftover: unlocked and old, so removed.
+	leftover := filepath.Join(dir, ".base-1.tmp")
+	if err := os.WriteFile(leftover, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	old := time.Now().Add(-time.Hour)
+	if err := os.Chtimes(leftover, old, old); err != nil {
 		t.Fatal(err)
 	}
 	var wg sync.WaitGroup
