@@ -343,3 +343,20 @@ func writeSpec(t *testing.T, dir string, edit func(map[string]any)) {
 }
 
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
+
+// execUntil runs `rund exec id args...` until it succeeds with non-empty
+// output (a detached container's process may not have run its first
+// command yet), and returns that output.
+func (e *env) execUntil(id string, args ...string) string {
+	e.t.Helper()
+	var r result
+	for i := 0; i < 100; i++ {
+		r = e.run("", append([]string{"exec", id}, args...)...)
+		if r.code == 0 && strings.TrimSpace(r.stdout) != "" {
+			return r.stdout
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	e.t.Fatalf("rund exec %s %v: exit %d\nstdout: %s\nstderr: %s", id, args, r.code, r.stdout, r.stderr)
+	return ""
+}

@@ -83,7 +83,7 @@ func TestTwoContainersIsolated(t *testing.T) {
 	e.ok("run", "-d", "--bundle", b2, "iso-2")
 	for _, id := range []string{"iso-1", "iso-2"} {
 		want := map[string]string{"iso-1": "one", "iso-2": "two"}[id]
-		out := e.ok("exec", id, "cat", "/tmp/mark")
+		out := e.execUntil(id, "cat", "/tmp/mark")
 		if strings.TrimSpace(out) != want {
 			t.Errorf("%s sees /tmp/mark = %q, want %q", id, out, want)
 		}

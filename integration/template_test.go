@@ -112,7 +112,7 @@ func TestTemplateRemovedUnderRunningSandbox(t *testing.T) {
 	if n := len(e.templates()); n != 0 {
 		t.Fatalf("%d templates after rm --all", n)
 	}
-	if out := e.ok("exec", "survivor", "cat", "/tmp/x"); strings.TrimSpace(out) != "alive" {
+	if out := e.execUntil("survivor", "cat", "/tmp/x"); strings.TrimSpace(out) != "alive" {
 		t.Errorf("sandbox after template removal: %q", out)
 	}
 	if out := e.ok("exec", "survivor", "sh", "-c", "head -c 4000000 /dev/zero | wc -c"); strings.TrimSpace(out) != "4000000" {
