@@ -9,7 +9,7 @@ GOFLAGS_BUILD := -trimpath
 VERSION   := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X github.com/rund-dev/rund/commands.version=$(VERSION)
 
-.PHONY: all deps rund guest kernel install test test-unit test-integration test-oci bench-startup bench-cgpool vet fmt lint clean help
+.PHONY: all deps rund guest kernel install test test-unit test-integration test-oci bench-startup bench-dax bench-cgpool vet fmt lint clean help
 
 all: rund guest
 
@@ -61,6 +61,10 @@ test-integration: all
 # Startup latency (template, cold boot, runc) and idle-sandbox memory.
 bench-startup: all
 	go run ./hack/bench/startup -rund $(BIN)/rund -out $(BIN)/bench-startup.json
+
+# Rootfs memory: N sandboxes reading one image, virtio-pmem + DAX vs virtio-blk.
+bench-dax: all
+	go run ./hack/bench/dax -rund $(BIN)/rund -n 20 -out $(BIN)/bench-dax.json
 
 # Cgroup setup: pool vs mkdir+apply+rmdir at 1..200 concurrent workers.
 bench-cgpool:

@@ -82,10 +82,20 @@ func (s *shim) exec(c net.Conn, br *bufio.Reader, req shimapi.Request) {
 	stream := proto.InitStream + s.execs.Add(1)
 	w := proto.NewWriter(c)
 	stdinR, stdinW := io.Pipe()
+	// Output may arrive before the reply line is written: hold it back
+	// until then, or it would corrupt the reply.
+	replied := make(chan struct{})
+	defer func() {
+		select {
+		case <-replied:
+		default:
+			close(replied)
+		}
+	}()
 	stdio := client.Stdio{
 		Stdin:  stdinR,
-		Stdout: frameWriter{w: w, kind: proto.KindStdout, stream: stream},
-		Stderr: frameWriter{w: w, kind: proto.KindStderr, stream: stream},
+		Stdout: frameWriter{w: w, kind: proto.KindStdout, stream: stream, ready: replied},
+		Stderr: frameWriter{w: w, kind: proto.KindStderr, stream: stream, ready: replied},
 	}
 	if req.Process.Terminal {
 		stdio.Stderr = nil
@@ -98,7 +108,9 @@ func (s *shim) exec(c net.Conn, br *bufio.Reader, req shimapi.Request) {
 		reply(c, shimapi.Response{Error: err.Error()})
 		return
 	}
-	if err := reply(c, shimapi.Response{Pid: pid}); err != nil {
+	err = reply(c, shimapi.Response{Pid: pid})
+	close(replied)
+	if err != nil {
 		return
 	}
 	// Client → guest: stdin, signals, resizes.
@@ -143,9 +155,11 @@ type frameWriter struct {
 	w      *proto.Writer
 	kind   proto.Kind
 	stream uint32
+	ready  <-chan struct{} // closed once the frames may flow
 }
 
 func (f frameWriter) Write(b []byte) (int, error) {
+	<-f.ready
 	if err := f.w.WriteData(f.kind, f.stream, b); err != nil {
 		return 0, err
 	}
