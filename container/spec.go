@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
@@ -50,6 +51,9 @@ func loadSpec(bundle string) (*specs.Spec, string, error) {
 	}
 	if s.Process.Cwd == "" || !filepath.IsAbs(s.Process.Cwd) {
 		return nil, "", fmt.Errorf("config.json: process.cwd %q is not an absolute path", s.Process.Cwd)
+	}
+	if err := checkCapabilities(s.Process.Capabilities); err != nil {
+		return nil, "", err
 	}
 	rootfs := s.Root.Path
 	if !filepath.IsAbs(rootfs) {
@@ -173,4 +177,37 @@ func bindFileData(src string) ([]byte, bool, error) {
 		b = []byte{}
 	}
 	return b, true, nil
+}
+
+// knownCapabilities are the Linux capability names (runtime-spec:
+// process.capabilities) of kernels up to 6.x.
+var knownCapabilities = capabilitySet()
+
+func capabilitySet() map[string]bool {
+	m := map[string]bool{}
+	for _, c := range strings.Fields(`CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID
+		SETUID SETPCAP LINUX_IMMUTABLE NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW
+		IPC_LOCK IPC_OWNER SYS_MODULE SYS_RAWIO SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN
+		SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE
+		AUDIT_CONTROL SETFCAP MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND
+		AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE`) {
+		m["CAP_"+c] = true
+	}
+	return m
+}
+
+// checkCapabilities rejects capability names the kernel has no mapping for
+// (runtime-spec: such a value MUST cause an error).
+func checkCapabilities(c *specs.LinuxCapabilities) error {
+	if c == nil {
+		return nil
+	}
+	for _, set := range [][]string{c.Bounding, c.Effective, c.Inheritable, c.Permitted, c.Ambient} {
+		for _, name := range set {
+			if !knownCapabilities[name] {
+				return fmt.Errorf("config.json: unknown capability %q", name)
+			}
+		}
+	}
+	return nil
 }
