@@ -16,7 +16,9 @@ import (
 // kill TERM → stopped → delete removes everything.
 func TestLifecycle(t *testing.T) {
 	e := newEnv(t)
-	b := bundle(t, "sleep", "1000")
+	// The process is PID 1 of the container's PID namespace: like under
+	// runc, it must handle SIGTERM for TERM to stop it.
+	b := bundle(t, "sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.1; done")
 	pidFile := filepath.Join(t.TempDir(), "pid")
 	e.ok("create", "--bundle", b, "--pid-file", pidFile, "life")
 	st := e.state("life")

@@ -5,11 +5,14 @@ package integration
 import (
 	"crypto/rand"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestRunStdioAndExitCodes: rund run relays stdout and stderr separately and
@@ -25,7 +28,10 @@ func TestRunStdioAndExitCodes(t *testing.T) {
 	}{
 		{name: "zero", script: "echo hello", wantOut: "hello\n", wantCode: 0},
 		{name: "three", script: "echo out; echo err >&2; exit 3", wantOut: "out\n", wantErr: "err\n", wantCode: 3},
-		{name: "sigkill", script: "kill -9 $$", wantCode: 137},
+		// The script is PID 1 of the container's PID namespace, which a
+		// signal from inside the namespace does not kill (as under runc):
+		// a child of it is killed, and the script exits with its status.
+		{name: "sigkill", script: "sh -c 'kill -9 $$'; exit $?", wantCode: 137},
 	}
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -41,6 +47,40 @@ func TestRunStdioAndExitCodes(t *testing.T) {
 				t.Errorf("stderr: got %q, want %q", r.stderr, tc.wantErr)
 			}
 		})
+	}
+}
+
+// TestRunKilled: a container killed with SIGKILL from outside makes rund
+// run exit 137, and a PID 1 without a TERM handler survives SIGTERM as it
+// would under runc.
+func TestRunKilled(t *testing.T) {
+	e := newEnv(t)
+	b := bundle(t, "sleep", "1000")
+	c := e.cmd(t.Context(), "run", "--bundle", b, "killed")
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Process.Kill(); c.Wait() })
+	for i := 0; ; i++ {
+		r := e.run("", "state", "killed")
+		if r.code == 0 && strings.Contains(r.stdout, `"running"`) {
+			break
+		}
+		if i == 600 {
+			t.Fatalf("container never ran: %s %s", r.stdout, r.stderr)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	e.ok("kill", "killed", "TERM")
+	time.Sleep(500 * time.Millisecond)
+	if s := e.state("killed")["status"]; s != "running" {
+		t.Errorf("after SIGTERM to a PID 1 without a handler: %v, want running", s)
+	}
+	e.ok("kill", "killed", "KILL")
+	err := c.Wait()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 137 {
+		t.Errorf("rund run of a SIGKILLed container: %v, want exit 137", err)
 	}
 }
 

@@ -5,10 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
+	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/rund-dev/rund/vm/agent/proto"
 	"golang.org/x/sys/unix"
@@ -57,6 +61,9 @@ func childMain() {
 	if env == nil {
 		env = []string{}
 	}
+	if cfg.InitPid > 0 {
+		forkExec(exe, cfg.Process, env)
+	}
 	err = unix.Exec(exe, cfg.Process.Args, env)
 	childFail(fmt.Errorf("exec %s: %w", cfg.Process.Args[0], err), 127)
 }
@@ -75,6 +82,87 @@ func prepareChild() {
 		_ = json.Unmarshal(b, &childConfig{})
 	}
 	_, _ = json.Marshal(childMsg{Ready: true})
+	if os.Getpid() == 1 {
+		stageOwnProc()
+	}
+}
+
+// pidnsStage is where the helper of an init (then idle, in the agent's
+// mount namespace; rootPid is its pid there) stages its namespace's proc.
+func pidnsStage(rootPid int) string { return fmt.Sprintf("/rund-pidns-%d", rootPid) }
+
+// rootPid is this process's pid in the agent's PID namespace (whose proc is
+// /proc until the container root is entered).
+func rootPid() int {
+	s, _ := os.Readlink("/proc/self")
+	n, _ := strconv.Atoi(s)
+	return n
+}
+
+// stageOwnProc mounts, while the helper of an init is idle (in a template:
+// before the snapshot), its namespace's proc with the usual masked and
+// read-only paths, in a tmpfs of the agent's mount namespace. Its setup
+// moves that proc into the root instead of mounting one (under TCG a clone
+// runs the mount code afresh). Best effort: without it, setup mounts one.
+func stageOwnProc() {
+	dir := pidnsStage(rootPid())
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			_ = unix.Unmount(dir, unix.MNT_DETACH)
+			_ = os.Remove(dir)
+		}
+	}()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0700"); err != nil {
+		return
+	}
+	if err := os.Mkdir(dir+"/proc", 0o555); err != nil {
+		return
+	}
+	if err := unix.Mount("proc", dir+"/proc", "proc", procFlags, ""); err != nil {
+		return
+	}
+	rootfd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return
+	}
+	defer unix.Close(rootfd)
+	if applyProcPaths(rootfd, []string{"/proc"}, usualMasked, usualReadonly) != nil {
+		return
+	}
+	ok = true
+}
+
+const procFlags = unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC
+
+// moveStagedProc moves the proc staged by stageOwnProc onto the root's
+// /proc when that is the root's only proc and its masked and read-only
+// paths are the usual ones. The caller has its own mount namespace.
+func moveStagedProc(root string, procs, masked, readonly []string) bool {
+	if !slices.Equal(procs, []string{"/proc"}) ||
+		!sameProcPaths(masked, usualMasked) || !sameProcPaths(readonly, usualReadonly) {
+		return false
+	}
+	stage := pidnsStage(rootPid()) + "/proc"
+	return unix.Mount(stage, root+"/proc", "", unix.MS_MOVE, "") == nil
+}
+
+// sameProcPaths reports whether a and b have the same paths under /proc.
+func sameProcPaths(a, b []string) bool {
+	f := func(l []string) []string {
+		var out []string
+		for _, p := range l {
+			if isUnderAny(p, []string{"/proc"}) {
+				out = append(out, path.Clean("/"+p))
+			}
+		}
+		slices.Sort(out)
+		return slices.Compact(out)
+	}
+	return slices.Equal(f(a), f(b))
 }
 
 func childSend(m childMsg) {
@@ -91,6 +179,24 @@ func childSend(m childMsg) {
 	}
 }
 
+// forkExec starts an exec'd process in the container's PID namespace (this
+// thread joined it: its children are born there) as the agent's child,
+// reports its pid and exits. The process inherits this thread's
+// credentials, root, namespaces and limits.
+func forkExec(exe string, p proto.Process, env []string) {
+	attr := &syscall.ProcAttr{
+		Env:   env,
+		Files: []uintptr{0, 1, 2},
+		Sys:   &syscall.SysProcAttr{Setsid: true, Setctty: p.Terminal, Ctty: 0, Cloneflags: unix.CLONE_PARENT},
+	}
+	pid, err := syscall.ForkExec(exe, p.Args, attr)
+	if err != nil {
+		childFail(fmt.Errorf("exec %s: %w", p.Args[0], err), 127)
+	}
+	childSend(childMsg{Pid: pid})
+	os.Exit(0)
+}
+
 func childFail(err error, status int) {
 	childSend(childMsg{Error: err.Error()})
 	os.Exit(status)
@@ -99,7 +205,7 @@ func childFail(err error, status int) {
 // setupChild does everything but exec, and returns the program to exec.
 func setupChild(cfg childConfig, sp *steps) (string, error) {
 	p := cfg.Process
-	if p.Terminal {
+	if p.Terminal && cfg.InitPid == 0 {
 		// The helper leads its own session (setsid at fork): its terminal
 		// becomes the session's controlling terminal.
 		if err := unix.IoctlSetInt(0, unix.TIOCSCTTY, 1); err != nil {
@@ -108,14 +214,31 @@ func setupChild(cfg childConfig, sp *steps) (string, error) {
 	}
 	// A spare helper started while the container runs was niced.
 	_ = unix.Setpriority(unix.PRIO_PROCESS, 0, 0)
-	if err := unix.Unshare(unix.CLONE_NEWNS); err != nil {
-		return "", fmt.Errorf("unsharing the mount namespace: %w", err)
+	if cfg.InitPid > 0 {
+		if err := joinInit(cfg.InitPid); err != nil {
+			return "", err
+		}
+		sp.mark("join")
+	} else {
+		if err := unix.Unshare(unix.CLONE_NEWNS); err != nil {
+			return "", fmt.Errorf("unsharing the mount namespace: %w", err)
+		}
+		sp.mark("unshare")
+		staged := moveStagedProc(cfg.Root, cfg.ProcMounts, cfg.Masked, cfg.Readonly)
+		if staged {
+			sp.mark("staged proc")
+		}
+		if err := enterRoot(cfg.Root); err != nil {
+			return "", fmt.Errorf("entering the container root: %w", err)
+		}
+		sp.mark("root")
+		if !staged {
+			if err := mountOwnProc(cfg.ProcMounts, cfg.Masked, cfg.Readonly); err != nil {
+				return "", err
+			}
+			sp.mark("proc")
+		}
 	}
-	sp.mark("unshare")
-	if err := enterRoot(cfg.Root); err != nil {
-		return "", fmt.Errorf("entering the container root: %w", err)
-	}
-	sp.mark("root")
 	if err := setRlimits(p.Rlimits); err != nil {
 		return "", err
 	}
@@ -146,6 +269,96 @@ func setupChild(cfg childConfig, sp *steps) (string, error) {
 		}
 	}
 	return exe, nil
+}
+
+// joinInit enters the PID namespace (for the children of this thread) and
+// the mount namespace and root of the container's init process.
+func joinInit(pid int) error {
+	dir := fmt.Sprintf("/proc/%d/", pid)
+	var fds [3]int
+	for i, name := range []string{"ns/pid", "ns/mnt", "root"} {
+		flags := unix.O_RDONLY | unix.O_CLOEXEC
+		if name == "root" {
+			flags = unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC
+		}
+		fd, err := unix.Open(dir+name, flags, 0)
+		if err != nil {
+			return fmt.Errorf("joining the container's init (pid %d): %w", pid, err)
+		}
+		defer unix.Close(fd)
+		fds[i] = fd
+	}
+	if err := unix.Setns(fds[0], unix.CLONE_NEWPID); err != nil {
+		return fmt.Errorf("joining the container's PID namespace: %w", err)
+	}
+	// setns to a mount namespace wants a filesystem context of this thread
+	// alone.
+	if err := unix.Unshare(unix.CLONE_FS); err != nil {
+		return fmt.Errorf("unsharing the filesystem context: %w", err)
+	}
+	if err := unix.Setns(fds[1], unix.CLONE_NEWNS); err != nil {
+		return fmt.Errorf("joining the container's mount namespace: %w", err)
+	}
+	if err := unix.Fchdir(fds[2]); err != nil {
+		return fmt.Errorf("entering the container root: %w", err)
+	}
+	if err := unix.Chroot("."); err != nil {
+		return fmt.Errorf("chroot: %w", err)
+	}
+	return unix.Chdir("/")
+}
+
+// mountOwnProc mounts, over each proc filesystem in the container root (the
+// agent mounted them at procs: they show the agent's PID namespace), a proc
+// of this process's PID namespace, and applies the masked and read-only
+// paths under it again. The caller is that namespace's PID 1.
+func mountOwnProc(procs, masked, readonly []string) error {
+	if len(procs) == 0 {
+		return nil
+	}
+	rootfd, err := unix.Open("/", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("opening root: %w", err)
+	}
+	defer unix.Close(rootfd)
+	for _, mp := range procs {
+		// A masked or read-only path of the old proc is a mount under mp:
+		// mounting over mp hides them with it.
+		if err := unix.Mount("proc", mp, "proc", procFlags, ""); err != nil {
+			return fmt.Errorf("mounting proc on %s: %w", mp, err)
+		}
+	}
+	return applyProcPaths(rootfd, procs, masked, readonly)
+}
+
+// applyProcPaths applies the masked and read-only paths under the proc
+// mounts procs, relative to rootfd.
+func applyProcPaths(rootfd int, procs, masked, readonly []string) error {
+	for _, p := range readonly {
+		if isUnderAny(p, procs) {
+			if err := readonlyPath(rootfd, p); err != nil {
+				return fmt.Errorf("read-only path %s: %w", p, err)
+			}
+		}
+	}
+	for _, p := range masked {
+		if isUnderAny(p, procs) {
+			if err := maskPath(rootfd, p); err != nil {
+				return fmt.Errorf("masked path %s: %w", p, err)
+			}
+		}
+	}
+	return nil
+}
+
+func isUnderAny(p string, dirs []string) bool {
+	p = path.Clean("/" + p)
+	for _, d := range dirs {
+		if d != "/" && under(p, d) {
+			return true
+		}
+	}
+	return false
 }
 
 // enterRoot makes root the process's / in its own mount namespace (the

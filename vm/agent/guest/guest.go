@@ -32,11 +32,15 @@
 // the container sees nothing of the agent.
 //
 // Semantics worth knowing:
-//   - The VM is the isolation boundary: there are no PID, user, network or
-//     IPC namespaces. As with a PID namespace, when stream 1's process exits
-//     every other process is killed before its Exit is sent.
-//   - Each process gets its own copy of the mount namespace: mounts a
-//     container process makes later are not seen by exec'd processes.
+//   - The VM is the isolation boundary: there are no user, network or IPC
+//     namespaces. The container has its own PID namespace, whose PID 1 is
+//     stream 1's process (it ignores signals it has no handler for, but
+//     SIGKILL, as runc's init does); exec'd processes join it. When stream
+//     1's process exits every other process is killed before its Exit is
+//     sent. The proc filesystems of the container are its namespace's,
+//     mounted by the init's helper. Pids in replies are the agent's.
+//   - The init gets its own copy of the agent's mount namespace; exec'd
+//     processes join the init's, so they see the mounts it made.
 //   - The writable layer is mounted without its journal or cache flushes
 //     (it vanishes with the sandbox; nothing of it must survive a crash).
 //   - Not done: seccomp, AppArmor/SELinux labels, devices beyond the
@@ -64,7 +68,8 @@ func IsGuest() bool {
 // Main runs the agent, or the helper child when re-executed as one. It never
 // returns normally: PID 1 powers the VM off, the helper child execs.
 func Main() {
-	if os.Getpid() != 1 {
+	if len(os.Args) > 0 && os.Args[0] == childArg0 {
+		// An init's helper is PID 1 of its own PID namespace.
 		childMain()
 		return
 	}

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path"
+	"slices"
 	"sync"
 	"time"
 
@@ -42,6 +44,29 @@ type childConfig struct {
 	Process proto.Process `json:"process"`
 	// CapLast is the highest capability the kernel knows.
 	CapLast int `json:"capLast"`
+	// InitPid is, for an exec, the container's init (its pid in the agent's
+	// namespace): the process joins its PID and mount namespaces. Zero for
+	// the init itself, which is PID 1 of its zygote's PID namespace.
+	InitPid int `json:"initPid,omitempty"`
+	// Masked and Readonly are the spec's paths, for the init: it mounts
+	// its namespace's proc over each proc mount and applies those under it.
+	Masked   []string `json:"masked,omitempty"`
+	Readonly []string `json:"readonly,omitempty"`
+	// ProcMounts are where the root has proc filesystems (the spec's proc
+	// mounts' destinations, cleaned), for the init.
+	ProcMounts []string `json:"procMounts,omitempty"`
+}
+
+// procMounts lists the destinations of the proc mounts, cleaned, once each.
+func procMounts(mounts []proto.Mount) []string {
+	var out []string
+	for _, m := range mounts {
+		d := path.Clean("/" + m.Destination)
+		if m.Type == "proc" && !slices.Contains(out, d) {
+			out = append(out, d)
+		}
+	}
+	return out
 }
 
 // childMsg is what the helper child sends back: Ready once it is set up and
@@ -54,6 +79,9 @@ type childMsg struct {
 	Idle bool `json:"idle,omitempty"`
 	// Info says how long the setup steps took, for the debug log.
 	Info string `json:"info,omitempty"`
+	// Pid is the process an exec's helper forked (in the agent's PID
+	// namespace), sent once it has exec'd; the helper then exits.
+	Pid int `json:"pid,omitempty"`
 }
 
 // register reserves a stream for a new process. Stdin frames that arrive
@@ -103,13 +131,16 @@ func (p *process) closeStdinQueue() {
 // spawn gives p to a helper child in the container root, and returns once
 // the child is set up and blocked before exec. The helper is a zygote from
 // the pool when there is one (see zygote.go), else one started now.
-func (a *agent) spawn(p *process, root string, sp *steps) error {
+//
+// cfg gives the root and, for an exec, the init's pid; spawn sets the rest.
+func (a *agent) spawn(p *process, cfg childConfig, sp *steps) error {
+	root := cfg.Root
 	st, err := newStdio(p.spec, ptmxFor(root))
 	if err != nil {
 		return err
 	}
 	sp.mark("stdio")
-	z, pooled, err := a.zygotes.take()
+	z, pooled, err := a.zygotes.take(cfg.InitPid == 0)
 	if err != nil {
 		st.closeAll()
 		return err
@@ -119,7 +150,7 @@ func (a *agent) spawn(p *process, root string, sp *steps) error {
 	} else {
 		sp.mark(fmt.Sprintf("helper %d started", z.pid))
 	}
-	cfg := childConfig{Root: root, Process: p.spec, CapLast: a.capLast()}
+	cfg.Process, cfg.CapLast = p.spec, a.capLast()
 	serr := z.send(cfg, st.childFds())
 	st.closeChild()
 	p.pid, p.stdio, p.exitCh, p.sock, p.dec = z.pid, st, z.exitCh, z.sock, z.dec
@@ -162,8 +193,9 @@ func (p *process) failed(err error) error {
 	return err
 }
 
-// release lets the helper exec and waits for the outcome.
-func (p *process) release() error {
+// release lets the helper exec and waits for the outcome. An exec's helper
+// forks the program and reports its pid, which p then stands for.
+func (p *process) release(r *reaper) error {
 	p.startOnce.Do(func() {
 		defer p.sock.Close()
 		if _, err := p.sock.Write([]byte{1}); err != nil {
@@ -179,6 +211,8 @@ func (p *process) release() error {
 			p.startErr = fmt.Errorf("reading from helper: %w", err)
 		case msg.Error != "":
 			p.startErr = errors.New(msg.Error)
+		case msg.Pid > 0:
+			p.pid, p.exitCh = msg.Pid, r.adopt(msg.Pid)
 		}
 	})
 	return p.startErr
@@ -191,6 +225,7 @@ func (a *agent) watch(p *process) {
 		// As with a PID namespace: when the container's init exits, every
 		// other container process is killed.
 		a.killAll(time.Second)
+		dropPidnsStage(p.pid)
 		a.mu.Lock()
 		if a.ctr != nil {
 			a.ctr.initExited = true
@@ -203,6 +238,16 @@ func (a *agent) watch(p *process) {
 	a.unregister(p)
 	if err := a.w.WriteJSON(proto.KindExit, p.stream, 0, proto.ExitMessage{Status: status}); err != nil {
 		consolef("rund-agent: sending exit of stream %d: %v", p.stream, err)
+	}
+}
+
+// dropPidnsStage detaches what an init's helper staged (see stageOwnProc):
+// its copy of the agent's mount namespace took the proc, the agent's holds
+// the rest.
+func dropPidnsStage(helperPid int) {
+	dir := pidnsStage(helperPid)
+	if err := unix.Unmount(dir, unix.MNT_DETACH); err == nil {
+		_ = os.Remove(dir)
 	}
 }
 
@@ -230,13 +275,15 @@ func (a *agent) create(req proto.CreateRequest, p *process) (proto.Reply, error)
 		}
 		return proto.Reply{}, fmt.Errorf("create %s: %w", req.ID, err)
 	}
-	if err := a.spawn(p, c.root, sp); err != nil {
+	cfg := childConfig{Root: c.root, Masked: req.MaskedPaths, Readonly: req.ReadonlyPaths, ProcMounts: procMounts(req.Mounts)}
+	if err := a.spawn(p, cfg, sp); err != nil {
 		a.unregister(p)
 		if terr := c.teardown(); terr != nil {
 			a.logf("create %s: %v", req.ID, terr)
 		}
 		return proto.Reply{}, fmt.Errorf("create %s: %w", req.ID, err)
 	}
+	c.initPid = p.pid
 	a.mu.Lock()
 	a.ctr = c
 	a.mu.Unlock()
@@ -253,7 +300,7 @@ func (a *agent) start(stream uint32) (proto.Reply, error) {
 		return proto.Reply{}, fmt.Errorf("start: no created process on stream %d", stream)
 	}
 	sp := newSteps()
-	if err := p.release(); err != nil {
+	if err := p.release(a.reaper); err != nil {
 		return proto.Reply{}, fmt.Errorf("start: %w", err)
 	}
 	return proto.Reply{Info: sp.String()}, nil
@@ -274,12 +321,15 @@ func (a *agent) exec(p *process) (proto.Reply, error) {
 		return proto.Reply{}, errors.New("exec: the container's init process has exited")
 	}
 	sp := newSteps()
-	if err := a.spawn(p, c.root, sp); err != nil {
+	if err := a.spawn(p, childConfig{Root: c.root, InitPid: c.initPid}, sp); err != nil {
 		a.unregister(p)
 		return proto.Reply{}, fmt.Errorf("exec: %w", err)
 	}
+	// The helper forks the program: p is that process once released (or
+	// the helper, which exits, when that failed).
+	err := p.release(a.reaper)
 	go a.watch(p)
-	if err := p.release(); err != nil {
+	if err != nil {
 		return proto.Reply{}, fmt.Errorf("exec: %w", err)
 	}
 	sp.mark("exec")

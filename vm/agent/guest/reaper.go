@@ -16,10 +16,14 @@ type reaper struct {
 
 	mu      sync.Mutex
 	waiters map[int]chan int
+	// early holds the statuses of children no one waited for yet: a
+	// process a helper forked with CLONE_PARENT can exit before the agent
+	// learns its pid.
+	early map[int]int
 }
 
 func newReaper() *reaper {
-	r := &reaper{sig: make(chan os.Signal, 1), waiters: make(map[int]chan int)}
+	r := &reaper{sig: make(chan os.Signal, 1), waiters: make(map[int]chan int), early: make(map[int]int)}
 	signal.Notify(r.sig, unix.SIGCHLD)
 	return r
 }
@@ -45,8 +49,28 @@ func (r *reaper) reap() {
 		if ch, ok := r.waiters[pid]; ok {
 			delete(r.waiters, pid)
 			ch <- exitStatus(ws)
+			continue
 		}
+		if len(r.early) >= 256 {
+			clear(r.early) // orphans no one will ask for
+		}
+		r.early[pid] = exitStatus(ws)
 	}
+}
+
+// adopt returns the channel that gets the exit status of pid, a child of the
+// agent that it did not start itself (or has already exited).
+func (r *reaper) adopt(pid int) <-chan int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ch := make(chan int, 1)
+	if st, ok := r.early[pid]; ok {
+		delete(r.early, pid)
+		ch <- st
+		return ch
+	}
+	r.waiters[pid] = ch
+	return ch
 }
 
 // start runs fork, which starts a process and returns its pid, so that the

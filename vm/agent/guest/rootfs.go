@@ -21,6 +21,8 @@ type container struct {
 	dir  string // /rund/<id>
 	root string // dir/root
 
+	// initPid is the init process's pid in the agent's namespace.
+	initPid int
 	// initExited is set (under agent.mu) when stream 1's process exited.
 	initExited bool
 }

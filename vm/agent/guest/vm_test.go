@@ -313,3 +313,66 @@ func TestAgentPmemDAX(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// TestAgentPIDNamespace checks that the container has a PID namespace of
+// its own: its init is PID 1 there, ps shows only its processes, exec'd
+// processes join it, and the init (a program with no handler for SIGTERM)
+// survives SIGTERM but not SIGKILL, as runc's does.
+func TestAgentPIDNamespace(t *testing.T) {
+	e := requireVM(t)
+	v := bootVM(t, e)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	var initOut bytes.Buffer
+	req := proto.CreateRequest{ID: "pidns", Root: root(), Mounts: typicalMounts(),
+		MaskedPaths: []string{"/proc/kcore"}, ReadonlyPaths: []string{"/proc/sys"},
+		Process: sh(`echo init-pid $$; exec sleep 1000`)}
+	pid, err := v.c.Create(ctx, req, client.Stdio{Stdout: &initOut})
+	if err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	if err := v.c.Start(ctx); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+	r := v.mustRun(2, sh(`echo exec-pid $$; tr '\0' ' ' < /proc/1/cmdline; echo; ps; echo procs $(ls /proc | grep -cE '^[0-9]+$'); cat /proc/kcore | wc -c; (echo 1 > /proc/sys/kernel/ns_last_pid) 2>&1 | grep -q Read-only && echo ro-proc-sys`), nil)
+	out := r.stdout.String()
+	t.Logf("exec in the container:\n%s", out)
+	if r.status != 0 || strings.Contains(out, "exec-pid 1\n") || !strings.Contains(out, "exec-pid ") {
+		t.Errorf("exec: status %d, want a pid other than 1:\n%s\nstderr: %s", r.status, out, r.stderr.String())
+	}
+	if !strings.Contains(out, "\nsleep 1000 \n") {
+		t.Errorf("/proc/1/cmdline is not the container's init:\n%s", out)
+	}
+	for _, bad := range []string{"/init", "kthreadd", "kworker", "rund-guest-child"} {
+		if strings.Contains(out, bad) {
+			t.Errorf("the container sees %s:\n%s", bad, out)
+		}
+	}
+	// sleep 1000 (PID 1), sh, ps's subshell processes: a handful at most.
+	if !strings.Contains(out, "procs ") || strings.Contains(out, "procs 1\n") {
+		t.Errorf("process count:\n%s", out)
+	}
+	if !strings.Contains(out, "ro-proc-sys") || !strings.Contains(out, "\n0\n") {
+		t.Errorf("masked /proc/kcore or read-only /proc/sys lost under the namespace's proc:\n%s", out)
+	}
+	for _, all := range []bool{false, true} {
+		if err := v.c.Signal(ctx, proto.InitStream, int(unix.SIGTERM), all); err != nil {
+			t.Fatalf("SIGTERM (all %v): %v", all, err)
+		}
+	}
+	time.Sleep(time.Second)
+	if pids, err := v.c.Ps(ctx); err != nil || !slices.Contains(pids, pid) {
+		t.Errorf("after SIGTERM: ps %v %v, want the init %d still there", pids, err, pid)
+	}
+	if err := v.c.Signal(ctx, proto.InitStream, int(unix.SIGKILL), false); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := v.c.Wait(ctx, proto.InitStream); err != nil || st != 137 {
+		t.Errorf("init: status %d (%v), want 137", st, err)
+	}
+	if initOut.String() != "init-pid 1\n" {
+		t.Errorf("init output %q, want %q", initOut.String(), "init-pid 1\n")
+	}
+	v.shutdown()
+}

@@ -80,7 +80,10 @@ func (a *agent) warmup(req proto.WarmupRequest) (proto.Reply, error) {
 		a.mu.Unlock()
 		did = append(did, fmt.Sprintf("staged mounts: %d groups", len(st.groups)))
 	}
-	if err := a.zygotes.fill(zygoteTarget); err != nil {
+	if err := a.zygotes.fill(initZygotes, true); err != nil {
+		return proto.Reply{}, fmt.Errorf("warmup: %w", err)
+	}
+	if err := a.zygotes.fill(execZygotes, false); err != nil {
 		return proto.Reply{}, fmt.Errorf("warmup: %w", err)
 	}
 	did = append(did, "spare helpers: "+a.zygotes.describe())
@@ -107,15 +110,17 @@ func (a *agent) warmSpawn(spec proto.Process, root string) string {
 	if spec.Terminal {
 		mode = "terminal"
 	}
-	if err := a.spawn(p, root, newSteps()); err != nil {
+	cfg := childConfig{Root: root, Masked: usualMasked, Readonly: usualReadonly, ProcMounts: procMounts(warmupMounts)}
+	if err := a.spawn(p, cfg, newSteps()); err != nil {
 		p.closeStdinQueue()
 		if strings.Contains(err.Error(), "executable file not found") {
 			return fmt.Sprintf("spawn (%s): helper set up, no program to run", mode)
 		}
 		return fmt.Sprintf("spawn (%s): %v", mode, err)
 	}
-	err := p.release()
+	err := p.release(a.reaper)
 	status := <-p.exitCh
+	dropPidnsStage(p.pid)
 	p.stdio.drain(time.Second)
 	p.closeStdinQueue()
 	p.stdio.closeAll()

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -25,16 +26,27 @@ import (
 // A zygote is not a container process until it is taken: ps leaves it out.
 // A signal to every process may end idle zygotes, as it would end a helper
 // started then; the pool skips dead ones.
+//
+// The container has its own PID namespace, whose PID 1 is its init process.
+// A zygote for the init is started in a new PID namespace (it is PID 1 there
+// and execs the init); a zygote for an exec stays in the agent's namespace
+// until it is given its process, then joins the init's PID and mount
+// namespaces and forks the program (with CLONE_PARENT: it becomes the
+// agent's child) and exits. The pool holds zygotes of both kinds.
 type zygote struct {
 	pid    int
+	newPID bool // in a PID namespace of its own: for a container's init
 	exitCh <-chan int
 	sock   *os.File      // the agent's end of the sync socket
 	dec    *json.Decoder // childMsg lines from the zygote
 }
 
-// zygoteTarget is how many zygotes a template holds: one for the
-// container's init, one for its first exec.
-const zygoteTarget = 2
+// A template holds one zygote for the container's init and one for its
+// first exec.
+const (
+	initZygotes = 1
+	execZygotes = 1
+)
 
 // zygotePool holds the idle zygotes.
 type zygotePool struct {
@@ -46,7 +58,7 @@ type zygotePool struct {
 	// pids are the pids of the idle zygotes and of those being started.
 	pids map[int]bool
 	// refilling is closed when the replacement being started (if any) is
-	// idle or failed.
+	// idle or failed. Replacements are exec zygotes: a VM runs one init.
 	refilling chan struct{}
 	// closed is set once the container's init exited: no more refills.
 	closed bool
@@ -66,12 +78,16 @@ func (zp *zygotePool) isZygote(pid int) bool {
 // take returns an idle zygote (waiting for one being started in the
 // background, if any), or starts one when there is none, and marks it a
 // container process.
-func (zp *zygotePool) take() (z *zygote, fromPool bool, err error) {
+func (zp *zygotePool) take(newPID bool) (z *zygote, fromPool bool, err error) {
 	for {
 		zp.mu.Lock()
-		for len(zp.idle) > 0 {
-			z = zp.idle[0]
-			zp.idle = zp.idle[1:]
+		for i := 0; i < len(zp.idle); {
+			z = zp.idle[i]
+			if z.newPID != newPID {
+				i++
+				continue
+			}
+			zp.idle = append(zp.idle[:i:i], zp.idle[i+1:]...)
 			delete(zp.pids, z.pid)
 			if z.alive() {
 				zp.mu.Unlock()
@@ -81,12 +97,12 @@ func (zp *zygotePool) take() (z *zygote, fromPool bool, err error) {
 		}
 		wait := zp.refilling
 		zp.mu.Unlock()
-		if wait == nil {
+		if wait == nil || newPID {
 			break
 		}
 		<-wait
 	}
-	if z, err = zp.start(false); err != nil {
+	if z, err = zp.start(false, newPID); err != nil {
 		return nil, false, err
 	}
 	zp.mu.Lock()
@@ -95,11 +111,16 @@ func (zp *zygotePool) take() (z *zygote, fromPool bool, err error) {
 	return z, false, nil
 }
 
-// fill starts zygotes until n are idle, and waits for them.
-func (zp *zygotePool) fill(n int) error {
+// fill starts zygotes until n of the kind are idle, and waits for them.
+func (zp *zygotePool) fill(n int, newPID bool) error {
 	for tries := 0; ; tries++ {
 		zp.mu.Lock()
-		have := len(zp.idle)
+		have := 0
+		for _, z := range zp.idle {
+			if z.newPID == newPID {
+				have++
+			}
+		}
 		zp.mu.Unlock()
 		if have >= n {
 			return nil
@@ -107,7 +128,7 @@ func (zp *zygotePool) fill(n int) error {
 		if tries == 2*n {
 			return fmt.Errorf("starting spare helpers: %d of %d up, the others died", have, n)
 		}
-		z, err := zp.start(false)
+		z, err := zp.start(false, newPID)
 		if err != nil {
 			return err
 		}
@@ -120,7 +141,7 @@ func (zp *zygotePool) fill(n int) error {
 // it takes nothing from the container.
 func (zp *zygotePool) refill(logf func(string, ...any)) {
 	zp.mu.Lock()
-	if zp.closed || zp.refilling != nil || len(zp.idle) > 0 {
+	if zp.closed || zp.refilling != nil || slices.ContainsFunc(zp.idle, func(z *zygote) bool { return !z.newPID }) {
 		zp.mu.Unlock()
 		return
 	}
@@ -128,7 +149,7 @@ func (zp *zygotePool) refill(logf func(string, ...any)) {
 	zp.refilling = done
 	zp.mu.Unlock()
 	go func() {
-		z, err := zp.start(true)
+		z, err := zp.start(true, false)
 		if err == nil {
 			zp.put(z)
 		}
@@ -158,7 +179,11 @@ func (zp *zygotePool) describe() string {
 	defer zp.mu.Unlock()
 	var s []string
 	for _, z := range zp.idle {
-		s = append(s, fmt.Sprintf("pid %d", z.pid))
+		kind := "exec"
+		if z.newPID {
+			kind = "init"
+		}
+		s = append(s, fmt.Sprintf("pid %d (%s)", z.pid, kind))
 	}
 	if len(s) == 0 {
 		return "none"
@@ -179,8 +204,8 @@ func (zp *zygotePool) put(z *zygote) {
 
 // start re-executes the agent's binary as a zygote and waits until it is
 // ready for a request. A niced zygote runs at the lowest priority until it
-// is given a process.
-func (zp *zygotePool) start(niced bool) (*zygote, error) {
+// is given a process. A newPID zygote is PID 1 of a new PID namespace.
+func (zp *zygotePool) start(niced, newPID bool) (*zygote, error) {
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("making sync socket: %w", err)
@@ -196,6 +221,9 @@ func (zp *zygotePool) start(niced bool) (*zygote, error) {
 		Env:   []string{},
 		Files: []uintptr{uintptr(null), uintptr(null), uintptr(null), uintptr(fds[1])},
 		Sys:   &syscall.SysProcAttr{Setsid: true},
+	}
+	if newPID {
+		attr.Sys.Cloneflags = unix.CLONE_NEWPID
 	}
 	pid, exitCh, err := zp.reaper.start(func() (int, error) {
 		if niced {
@@ -221,7 +249,7 @@ func (zp *zygotePool) start(niced bool) (*zygote, error) {
 	}
 	_ = unix.SetNonblock(fds[0], true)
 	sock := os.NewFile(uintptr(fds[0]), "sync")
-	z := &zygote{pid: pid, exitCh: exitCh, sock: sock, dec: json.NewDecoder(sock)}
+	z := &zygote{pid: pid, newPID: newPID, exitCh: exitCh, sock: sock, dec: json.NewDecoder(sock)}
 	var msg childMsg
 	if err := z.dec.Decode(&msg); err != nil || !msg.Idle {
 		_ = unix.Kill(pid, unix.SIGKILL)
