@@ -4,7 +4,7 @@
 // a plain virtio-blk disk (pmem_mib = 0).
 //
 // It drives the rund binary the way a user would and imports no rund
-// package. For each of the two configurations, with a private --root,
+// package (only the benchmarks' shared helpers). For each of the two configurations, with a private --root,
 // data_dir, mem_dir and cgroup_parent (and a config.toml it writes), on one
 // busybox bundle whose rootfs also holds a file of random bytes (/data/blob,
 // 32 MiB by default):
@@ -35,7 +35,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -45,6 +44,8 @@ import (
 	"runtime"
 	"syscall"
 	"time"
+
+	"github.com/rund-dev/rund/hack/bench/benchutil"
 )
 
 type options struct {
@@ -143,7 +144,7 @@ func run(o options) error {
 		Started: time.Now().UTC(), Rund: rund, Version: rundVersion(rund),
 		CPUs: runtime.NumCPU(), N: o.n, BlobMiB: o.blobMiB,
 	}
-	rep.LoadAvg[0] = loadavg()
+	rep.LoadAvg[0] = benchutil.LoadAvg()
 	fmt.Printf("bench-dax: %s, %d CPUs, load %s, N=%d, blob %d MiB\n", rep.Version, rep.CPUs, rep.LoadAvg[0], o.n, o.blobMiB)
 
 	var errs []error
@@ -163,29 +164,18 @@ func run(o options) error {
 	if ctx.Err() != nil {
 		errs = append(errs, fmt.Errorf("interrupted: %w", ctx.Err()))
 	}
-	rep.LoadAvg[1] = loadavg()
+	rep.LoadAvg[1] = benchutil.LoadAvg()
 	rep.Finished = time.Now().UTC()
 	for _, e := range errs {
 		rep.Errors = append(rep.Errors, e.Error())
 	}
 	printReport(os.Stdout, rep)
 	if o.out != "" {
-		if err := writeJSON(o.out, rep); err != nil {
+		if err := benchutil.WriteJSON(o.out, rep); err != nil {
 			errs = append(errs, err)
 		} else {
 			fmt.Printf("\nwrote %s\n", o.out)
 		}
 	}
 	return errors.Join(errs...)
-}
-
-func writeJSON(path string, v any) error {
-	b, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return err
-	}
-	return os.WriteFile(path, append(b, '\n'), 0o644)
 }

@@ -13,6 +13,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/rund-dev/rund/hack/bench/benchutil"
 )
 
 // modeResult is one configuration's figures (MiB unless named otherwise).
@@ -464,7 +466,7 @@ func (m *mode) cleanup(ctx context.Context) ([]string, error) {
 	if _, err := m.rundCmd(ctx, nil, "pool", "destroy", "--parent", m.cgParent); err != nil {
 		errs = append(errs, err)
 	}
-	removeCgroupParent(m.cgParent)
+	benchutil.RemoveCgroupParent(m.cgParent)
 	if err := os.RemoveAll(m.memDir); err != nil {
 		errs = append(errs, err)
 	}
@@ -483,14 +485,4 @@ func contains(s []string, v string) bool {
 		}
 	}
 	return false
-}
-
-// removeCgroupParent removes the (empty) parent cgroup the pool lived under
-// from every hierarchy; rmdir fails harmlessly where it is not empty.
-func removeCgroupParent(parent string) {
-	a, _ := filepath.Glob("/sys/fs/cgroup/*" + parent)
-	b, _ := filepath.Glob("/sys/fs/cgroup" + parent)
-	for _, d := range append(a, b...) {
-		os.Remove(d)
-	}
 }

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/rund-dev/rund/hack/bench/benchutil"
 )
 
 // env is one benchmark's private world: binaries, bundles, state roots and
@@ -338,7 +340,7 @@ func (e *env) cleanup(ctx context.Context) error {
 		if r := e.rundCmd(ctx, "pool", "destroy", "--parent", e.cgParent); r.err != nil {
 			errs = append(errs, r.err)
 		}
-		removeCgroupParent(e.cgParent)
+		benchutil.RemoveCgroupParent(e.cgParent)
 		if err := os.RemoveAll(e.memDir); err != nil {
 			errs = append(errs, err)
 		}
@@ -349,14 +351,4 @@ func (e *env) cleanup(ctx context.Context) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
-}
-
-// removeCgroupParent removes the (empty) parent cgroup the pool lived under
-// from every hierarchy; rmdir fails harmlessly where it is not empty.
-func removeCgroupParent(parent string) {
-	dirs, _ := filepath.Glob("/sys/fs/cgroup/*" + parent)
-	dirs2, _ := filepath.Glob("/sys/fs/cgroup" + parent)
-	for _, d := range append(dirs, dirs2...) {
-		os.Remove(d)
-	}
 }

@@ -30,18 +30,18 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/rund-dev/rund/hack/bench/benchutil"
 )
 
 type options struct {
@@ -142,7 +142,7 @@ func run(o options) (retErr error) {
 		Bundle:    env.rootfs,
 		Rund:      env.rund,
 		Runc:      env.runc,
-		LoadStart: loadavg(),
+		LoadStart: benchutil.LoadAvg(),
 	}
 	fmt.Printf("bench-startup: rund %s, runc %s, %d CPUs, load %s\n", rep.Host.RundVersion, rep.Host.RuncVersion, runtime.NumCPU(), rep.LoadStart)
 
@@ -182,7 +182,7 @@ func run(o options) (retErr error) {
 	if ctx.Err() != nil {
 		errs = append(errs, fmt.Errorf("interrupted: %w", ctx.Err()))
 	}
-	rep.LoadEnd = loadavg()
+	rep.LoadEnd = benchutil.LoadAvg()
 	rep.Finished = time.Now().UTC()
 	for _, e := range errs {
 		rep.Errors = append(rep.Errors, e.Error())
@@ -190,22 +190,11 @@ func run(o options) (retErr error) {
 
 	printReport(os.Stdout, rep)
 	if o.out != "" {
-		if err := writeJSON(o.out, rep); err != nil {
+		if err := benchutil.WriteJSON(o.out, rep); err != nil {
 			errs = append(errs, err)
 		} else {
 			fmt.Printf("\nwrote %s\n", o.out)
 		}
 	}
 	return errors.Join(errs...)
-}
-
-func writeJSON(path string, v any) error {
-	b, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return err
-	}
-	return os.WriteFile(path, append(b, '\n'), 0o644)
 }

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/rund-dev/rund/hack/bench/benchutil"
 )
 
 // Modes of the sequential phase.
@@ -111,7 +113,7 @@ func (e *env) sequential(ctx context.Context, n int) (*seqReport, error) {
 // delete), then deletes them.
 func (e *env) concurrent(ctx context.Context, c int) (*concReport, error) {
 	fmt.Printf("concurrent: %d-way\n", c)
-	rep := &concReport{Concurrency: c, LoadBefore: loadavg()}
+	rep := &concReport{Concurrency: c, LoadBefore: benchutil.LoadAvg()}
 	ids := make([]string, c)
 	for i := range ids {
 		ids[i] = e.newID(fmt.Sprintf("c%d", c))
@@ -134,7 +136,7 @@ func (e *env) concurrent(ctx context.Context, c int) (*concReport, error) {
 	rep.WallMs = ms(time.Since(t0))
 	rep.ChildrenCPUSeconds = childrenCPU() - cpu0
 	rep.HostCPU = readCPUStat().since(stat0)
-	rep.LoadAfter = loadavg()
+	rep.LoadAfter = benchutil.LoadAvg()
 	var errs []error
 	for _, r := range res {
 		if r.err != nil {
@@ -164,7 +166,7 @@ func (e *env) concurrent(ctx context.Context, c int) (*concReport, error) {
 // settle, measures their processes' PSS, then deletes them all and checks
 // that nothing is left.
 func (e *env) memory(ctx context.Context, k int) (*memReport, error) {
-	rep := &memReport{Requested: k, LoadBefore: loadavg()}
+	rep := &memReport{Requested: k, LoadBefore: benchutil.LoadAvg()}
 	rep.MemAvailableBeforeMiB = memAvailableMiB()
 	rep.TotalProcsBefore = countProcs()
 	logs := filepath.Join(e.tmp, "logs")
@@ -226,7 +228,7 @@ func (e *env) memory(ctx context.Context, k int) (*memReport, error) {
 	if rep.Started > 0 {
 		rep.HostMemDropPerSandboxMiB = (rep.MemAvailableBeforeMiB - rep.MemAvailableIdleMiB) / float64(rep.Started)
 	}
-	rep.LoadIdle = loadavg()
+	rep.LoadIdle = benchutil.LoadAvg()
 
 	fmt.Printf("memory: deleting %d sandboxes\n", len(ids))
 	d, derrs := e.rundDelete(ctx, ids)

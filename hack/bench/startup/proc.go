@@ -510,18 +510,6 @@ func countProcs() procCount {
 	return c
 }
 
-func loadavg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return ""
-	}
-	f := strings.Fields(string(b))
-	if len(f) < 3 {
-		return ""
-	}
-	return strings.Join(f[:3], " ")
-}
-
 func memAvailableMiB() float64 {
 	return meminfoMiB("MemAvailable:")
 }
