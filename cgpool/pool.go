@@ -316,6 +316,15 @@ func (p *Pool) Acquire(ctx context.Context, name string, ownerPid int, res *spec
 		err = p.makeDirs(dir, mine.id)
 	case dir != slotName(mine.id):
 		err = p.renameAll(slotName(mine.id), dir)
+		if errors.Is(err, os.ErrNotExist) {
+			// The idle slot's directory was removed behind the record's
+			// back (an empty cgroup looks unused to other tools): make it
+			// again and apply every limit, since none is there any more.
+			if err = p.remakeIdle(mine); err == nil {
+				prev = slot{}
+				err = p.renameAll(slotName(mine.id), dir)
+			}
+		}
 	}
 	if err == nil && p.mode == ModeV2 {
 		// No rename on v2: the tree keeps the lease's name in an xattr.
@@ -348,6 +357,21 @@ func (p *Pool) Acquire(ctx context.Context, name string, ownerPid int, res *spec
 		err = errors.Join(err, cerr)
 	}
 	return nil, fmt.Errorf("acquiring cgroup %q: %w", name, err)
+}
+
+// remakeIdle creates the idle slot's directory in each hierarchy that lacks
+// it.
+func (p *Pool) remakeIdle(s slot) error {
+	idle := slotName(s.id)
+	for i := range p.hs {
+		if exists(filepath.Join(p.parents[i], idle)) {
+			continue
+		}
+		if err := p.makeDir(i, idle, s.id); err != nil {
+			return fmt.Errorf("recreating slot %d: %w", s.id, err)
+		}
+	}
+	return nil
 }
 
 // servesFields checks that the pool has a hierarchy for each resource

@@ -378,3 +378,36 @@ func TestControllers(t *testing.T) {
 	checkNoLeaks(t, r)
 	checkNoLeaks(t, q)
 }
+
+// TestIdleSlotRemovedBehindRecord: an idle slot whose directories were
+// removed by someone else (an empty cgroup looks unused) is made again on
+// the next acquire, with every limit applied.
+func TestIdleSlotRemovedBehindRecord(t *testing.T) {
+	root := fakeTree(t, ModeV1)
+	p := openPool(t, Options{Root: root, Parent: "/pool/parent", LowWater: -1})
+	pids := int64(64)
+	res := &specs.LinuxResources{Pids: &specs.LinuxPids{Limit: &pids}}
+	l, err := p.Acquire(context.Background(), "a", 0, res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slot := slotName(l.Slot())
+	if err := p.Release("a"); err != nil {
+		t.Fatal(err)
+	}
+	for _, parent := range p.ParentPaths() {
+		if err := os.RemoveAll(filepath.Join(parent, slot)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l2, err := p.Acquire(context.Background(), "b", 0, res)
+	if err != nil {
+		t.Fatalf("acquire after the idle slot vanished: %v", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(l2.Paths()["pids"], "pids.max")); err != nil || string(b) != "64" {
+		t.Fatalf("pids.max of the remade slot: got %q %v, want 64", b, err)
+	}
+	if err := p.Release("b"); err != nil {
+		t.Fatal(err)
+	}
+}
