@@ -18,7 +18,7 @@ func TestLifecycle(t *testing.T) {
 	e := newEnv(t)
 	// The process is PID 1 of the container's PID namespace: like under
 	// runc, it must handle SIGTERM for TERM to stop it.
-	b := bundle(t, "sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.1; done")
+	b := bundle(t, "sh", "-c", "trap 'exit 0' TERM; touch /tmp/trapped; while :; do sleep 0.1; done")
 	pidFile := filepath.Join(t.TempDir(), "pid")
 	e.ok("create", "--bundle", b, "--pid-file", pidFile, "life")
 	st := e.state("life")
@@ -49,6 +49,7 @@ func TestLifecycle(t *testing.T) {
 	if r := e.run("", "delete", "life"); r.code == 0 {
 		t.Errorf("delete of a running container succeeded")
 	}
+	e.execUntil("life", "ls", "/tmp/trapped") // the trap is set
 	e.ok("kill", "life", "TERM")
 	e.waitStatus("life", "stopped")
 	if p := e.state("life")["pid"]; p != float64(0) {
