@@ -4,7 +4,7 @@
 # conmon and runc for the comparison tests).
 set -eu
 pkgs="qemu-system-x86 qemu-utils erofs-utils xfsprogs e2fsprogs busybox-static kmod cpio
-podman conmon runc uidmap iproute2 util-linux ca-certificates"
+podman conmon runc uidmap fuse-overlayfs slirp4netns iproute2 util-linux ca-certificates"
 missing=""
 for p in $pkgs; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
