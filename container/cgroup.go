@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
+	"sync"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
@@ -18,10 +19,13 @@ const vmmOverhead = 128 << 20
 
 // prepareCgroup takes the container's cgroup from the pool of its parent
 // (linux.cgroupsPath) with the spec's resources applied, and tells the shim
-// to put itself and the VMM in it.
-func prepareCgroup(ctx context.Context, o CreateOptions, s *specs.Spec, st *State, l *shimapi.Launch, undo *cleanup.Stack) error {
+// to put itself and the VMM in it. It returns the function that makes the
+// shim the lease's owner: a lease whose owner is dead is reclaimed (and what
+// runs in it killed) by the next acquire, and create exits right after. The
+// pool stays open until then, so a background refill overlaps the boot.
+func prepareCgroup(ctx context.Context, o CreateOptions, s *specs.Spec, st *State, l *shimapi.Launch, undo *cleanup.Stack) (func(shimPid int) error, error) {
 	if o.Config.CgroupPool == "off" {
-		return nil
+		return func(int) error { return nil }, nil
 	}
 	var cgPath string
 	var res *specs.LinuxResources
@@ -30,45 +34,30 @@ func prepareCgroup(ctx context.Context, o CreateOptions, s *specs.Spec, st *Stat
 	}
 	parent, name, err := cgpool.ResolvePath(cgPath, o.SystemdCgroup, o.ID)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if cgPath == "" && o.Config.CgroupParent != "" {
 		parent = o.Config.CgroupParent
 	}
 	pool, err := cgpool.Open(cgpool.Options{Parent: parent})
 	if err != nil {
-		return fmt.Errorf("opening cgroup pool %s: %w", parent, err)
+		return nil, fmt.Errorf("opening cgroup pool %s: %w", parent, err)
 	}
-	defer pool.Close()
 	lease, err := pool.Acquire(ctx, name, 0, res)
 	if err != nil {
-		return fmt.Errorf("acquiring cgroup %s/%s: %w", parent, name, err)
+		pool.Close()
+		return nil, fmt.Errorf("acquiring cgroup %s/%s: %w", parent, name, err)
 	}
-	undo.Add(func() { releaseLease(parent, name) })
+	closePool := sync.OnceFunc(func() { pool.Close() })
+	undo.Add(func() { closePool(); releaseLease(parent, name) })
 	st.CgroupParent, st.CgroupName, st.CgroupPooled = parent, name, true
 	for _, p := range lease.Paths() {
 		l.CgroupProcs = append(l.CgroupProcs, filepath.Join(p, "cgroup.procs"))
 	}
-	return nil
-}
-
-// handOverCgroup makes the shim the owner of the container's cgroup lease:
-// a lease whose owner is dead is reclaimed (and what runs in it killed) by
-// the next acquire, and create exits right after this.
-func handOverCgroup(st *State, shimPid int) error {
-	if !st.CgroupPooled {
-		return nil
-	}
-	pool, err := cgpool.Open(cgpool.Options{Parent: st.CgroupParent, LowWater: -1})
-	if err != nil {
-		return fmt.Errorf("opening cgroup pool %s: %w", st.CgroupParent, err)
-	}
-	defer pool.Close()
-	lease, err := pool.Lease(st.CgroupName)
-	if err != nil {
-		return fmt.Errorf("cgroup lease of %s: %w", st.ID, err)
-	}
-	return lease.SetOwner(shimPid)
+	return func(shimPid int) error {
+		defer closePool()
+		return lease.SetOwner(shimPid)
+	}, nil
 }
 
 // hostResources maps the spec's resources onto the host cgroup that holds

@@ -86,7 +86,7 @@ func Create(ctx context.Context, o CreateOptions) (*State, error) {
 		return nil, err
 	}
 	t0 := time.Now()
-	launch, files, err := prepare(ctx, o, spec, st, &undo)
+	launch, files, handOverCgroup, err := prepare(ctx, o, spec, st, &undo)
 	if err != nil {
 		return nil, err
 	}
@@ -101,7 +101,7 @@ func Create(ctx context.Context, o CreateOptions) (*State, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := handOverCgroup(st, shim.Pid); err != nil {
+	if err := handOverCgroup(shim.Pid); err != nil {
 		return nil, err
 	}
 	st.Shim = NewProc(shim.Pid)
@@ -128,45 +128,41 @@ func Create(ctx context.Context, o CreateOptions) (*State, error) {
 }
 
 // prepare builds everything the shim needs: the launch description and the
-// files it inherits (the writable layer).
-func prepare(ctx context.Context, o CreateOptions, spec *specs.Spec, st *State, undo *cleanup.Stack) (*shimapi.Launch, []*os.File, error) {
+// files it inherits (the writable layer), and returns the function that hands
+// the cgroup lease to the shim once it runs.
+func prepare(ctx context.Context, o CreateOptions, spec *specs.Spec, st *State, undo *cleanup.Stack) (*shimapi.Launch, []*os.File, func(int) error, error) {
 	cfg := o.Config
 	req, err := toCreateRequest(o.ID, spec, func(f string, a ...any) { logrus.Warnf(f, a...) })
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	l := BaseLaunch(o.Options, o.ID)
 	l.Create = req
-	l.Hypervisor = hypervisorOf(cfg, spec)
-	switch l.Hypervisor {
+	hv := hypervisorOf(cfg, spec)
+	switch hv {
 	case "qemu", "cloud-hypervisor":
 	default:
-		return nil, nil, fmt.Errorf("annotation %s: unknown hypervisor %q (want qemu or cloud-hypervisor)", AnnotationHypervisor, l.Hypervisor)
+		return nil, nil, nil, fmt.Errorf("annotation %s: unknown hypervisor %q (want qemu or cloud-hypervisor)", AnnotationHypervisor, hv)
 	}
-	if l.Hypervisor == "cloud-hypervisor" {
-		l.VMMBinary = cfg.CloudHypervisorBinary
-	}
-	l.TemplateDir, l.MemDir = "", ""
-	if templatesOn(cfg, spec) {
-		l.TemplateDir, l.MemDir = filepath.Join(cfg.DataDir, "templates"), cfg.MemDir
-	}
+	setBackend(l, cfg, hv, templatesOn(cfg, spec))
 	st.Hypervisor = l.Hypervisor
 	for _, p := range []string{cfg.Kernel, cfg.Initrd} {
 		if _, err := os.Stat(p); err != nil {
-			return nil, nil, fmt.Errorf("guest artifact: %w (run `make install`, or set kernel/initrd in the config)", err)
+			return nil, nil, nil, fmt.Errorf("guest artifact: %w (run `make install`, or set kernel/initrd in the config)", err)
 		}
 	}
 	files, err := prepareRootfs(ctx, cfg, spec, st, l, undo)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	if err := prepareCgroup(ctx, o, spec, st, l, undo); err != nil {
+	handOver, err := prepareCgroup(ctx, o, spec, st, l, undo)
+	if err != nil {
 		for _, f := range files {
 			f.Close()
 		}
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return l, files, nil
+	return l, files, handOver, nil
 }
 
 // BaseLaunch is the part of a sandbox's launch that comes from the
@@ -177,17 +173,23 @@ func BaseLaunch(o Options, id string) *shimapi.Launch {
 		ID: id, StateDir: dirOf(o.Root, id), VMDir: vmDirOf(o.Root, id), Debug: o.Debug,
 		Hypervisor: cfg.Hypervisor, Kernel: cfg.Kernel, Initrd: cfg.Initrd,
 		Cmdline: cfg.KernelCmdline, VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB,
-		Accel: cfg.Accel, TBSizeMiB: cfg.TBSizeMiB, VMMBinary: cfg.QEMUBinary,
+		Accel: cfg.Accel, TBSizeMiB: cfg.TBSizeMiB,
 		WritableSize: int64(cfg.WritableMiB) << 20, PmemSize: int64(cfg.PmemMiB) << 20,
 	}
-	if cfg.Hypervisor == "cloud-hypervisor" {
+	setBackend(l, cfg, cfg.Hypervisor, cfg.Templates == "on")
+	return l
+}
+
+// setBackend sets the hypervisor, its binary and the template store.
+func setBackend(l *shimapi.Launch, cfg config.Config, hypervisor string, templates bool) {
+	l.Hypervisor, l.VMMBinary = hypervisor, cfg.QEMUBinary
+	if hypervisor == "cloud-hypervisor" {
 		l.VMMBinary = cfg.CloudHypervisorBinary
 	}
-	if cfg.Templates == "on" {
-		l.TemplateDir = filepath.Join(cfg.DataDir, "templates")
-		l.MemDir = cfg.MemDir
+	l.TemplateDir, l.MemDir = "", ""
+	if templates {
+		l.TemplateDir, l.MemDir = filepath.Join(cfg.DataDir, "templates"), cfg.MemDir
 	}
-	return l
 }
 
 // startShim starts `rund shim ID` with the container's stdio and waits for it

@@ -150,9 +150,11 @@ func detachExec(o ExecOptions, p *proto.Process) error {
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.ExtraFiles = []*os.File{w}
 	cmd.Env = append(os.Environ(), "RUND_EXEC_PROCESS="+string(b))
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: !p.Terminal || o.ConsoleSocket == ""}
+	// Its own session; with a console, the pty slave (now fd 0) becomes its
+	// controlling terminal, so it receives SIGWINCH.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if p.Terminal && o.ConsoleSocket != "" {
-		cmd.SysProcAttr.Setsid, cmd.SysProcAttr.Setctty, cmd.SysProcAttr.Ctty = true, true, 0
+		cmd.SysProcAttr.Setctty, cmd.SysProcAttr.Ctty = true, 0
 	}
 	if err := cmd.Start(); err != nil {
 		w.Close()
