@@ -314,14 +314,29 @@ func (a *agent) resize(stream uint32, req proto.ResizeRequest) error {
 	return p.stdio.resize(req.Rows, req.Cols)
 }
 
-// containerPids lists every live process but the agent, its idle helpers
-// and kernel threads (zombies, already dead, are left out).
+// containerPids lists every live process of the container: those in a PID
+// namespace other than the agent's, but for idle helpers (zombies, already
+// dead, are left out). The namespace test also leaves out a helper being
+// started in the background, which is in the agent's namespace but not yet
+// known to the pool.
 func (a *agent) containerPids() []int {
+	own, _ := os.Readlink("/proc/self/ns/pid")
+	return userPids(func(pid int) bool {
+		if a.zygotes.isZygote(pid) {
+			return false
+		}
+		ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/pid", pid))
+		return err == nil && ns != own
+	})
+}
+
+// userPids lists the live user processes but the agent that keep says yes to.
+func userPids(keep func(pid int) bool) []int {
 	ents, _ := os.ReadDir("/proc")
 	pids := []int{}
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == 1 || a.zygotes.isZygote(pid) || !isContainerProcess(pid) {
+		if err != nil || pid == 1 || !isContainerProcess(pid) || !keep(pid) {
 			continue
 		}
 		pids = append(pids, pid)
@@ -357,7 +372,8 @@ func (a *agent) killAll(timeout time.Duration) {
 	a.zygotes.close()
 	_ = signalAll(unix.SIGKILL)
 	deadline := time.Now().Add(timeout)
-	for len(a.containerPids()) > 0 && time.Now().Before(deadline) {
+	all := func(int) bool { return true }
+	for len(userPids(all)) > 0 && time.Now().Before(deadline) {
 		time.Sleep(2 * time.Millisecond)
 	}
 }
