@@ -9,12 +9,13 @@ GOFLAGS_BUILD := -trimpath
 VERSION   := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X github.com/rund-dev/rund/commands.version=$(VERSION)
 
-.PHONY: all deps rund guest kernel install test test-unit test-integration test-oci bench-startup bench-dax bench-cgpool vet fmt lint clean help
+.PHONY: all deps rund guest kernel cloud-kernel install test test-unit test-integration test-oci bench-startup bench-dax bench-cgpool vet fmt lint clean help
 
 all: rund guest
 
 help:
-	@echo "make            build bin/rund and the guest kernel + initramfs (bin/guest)"
+	@echo "make            build bin/rund and both guests (bin/guest/rund: streamlined kernel, bin/guest/cloud: Debian's)"
+	@echo "make kernel     build the streamlined guest kernel (once per machine, ~8 min on 2 cores)"
 	@echo "make install    install rund to $(PREFIX)/bin and the guest to $(SHAREDIR)"
 	@echo "make test       run every test (unit + integration; needs root and QEMU)"
 	@echo "make test-oci   run the OCI runtime-tools validation suite against rund and runc"
@@ -23,19 +24,28 @@ rund: $(BIN)/rund
 $(BIN)/rund: $(shell find . -name '*.go' -not -path './bin/*') go.mod go.sum
 	CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -ldflags '$(LDFLAGS)' -o $@ .
 
-# The guest kernel is Debian's cloud kernel, fetched with apt-get download.
-kernel: $(GUEST)/vmlinuz
-$(GUEST)/vmlinuz:
-	hack/guest/fetch-kernel.sh $(GUEST)
+# Two guest flavours, each a kernel + an initramfs holding rund as /init:
+# rund's streamlined kernel (hack/kernel: built from Debian's linux-source-6.1
+# once per machine, cached under /var/cache/rund/kernel), the default, and
+# Debian's cloud kernel (fetched with apt-get download, with its modules).
+kernel: $(GUEST)/rund/vmlinuz
+$(GUEST)/rund/vmlinuz: hack/kernel/build.sh hack/kernel/rund.config
+	hack/kernel/build.sh $(GUEST)/rund
 
-guest: $(GUEST)/initrd.img
-$(GUEST)/initrd.img: $(BIN)/rund $(GUEST)/vmlinuz hack/guest/mkinitramfs.sh
-	hack/guest/mkinitramfs.sh $(BIN)/rund $(GUEST) $@
+cloud-kernel: $(GUEST)/cloud/vmlinuz
+$(GUEST)/cloud/vmlinuz:
+	hack/guest/fetch-kernel.sh $(GUEST)/cloud
+
+guest: $(GUEST)/rund/initrd.img $(GUEST)/cloud/initrd.img
+$(GUEST)/%/initrd.img: $(BIN)/rund $(GUEST)/%/vmlinuz hack/guest/mkinitramfs.sh
+	hack/guest/mkinitramfs.sh $(BIN)/rund $(GUEST)/$* $@
 
 install: all
 	install -D -m 0755 $(BIN)/rund $(DESTDIR)$(PREFIX)/bin/rund
-	install -D -m 0644 $(GUEST)/vmlinuz $(DESTDIR)$(SHAREDIR)/vmlinuz
-	install -D -m 0644 $(GUEST)/initrd.img $(DESTDIR)$(SHAREDIR)/initrd.img
+	for f in rund cloud; do \
+		install -D -m 0644 $(GUEST)/$$f/vmlinuz $(DESTDIR)$(SHAREDIR)/$$f/vmlinuz && \
+		install -D -m 0644 $(GUEST)/$$f/initrd.img $(DESTDIR)$(SHAREDIR)/$$f/initrd.img || exit 1; \
+	done
 
 lint: vet fmt
 

@@ -56,6 +56,8 @@ func checkCommand() *cli.Command {
 			} else {
 				add("cloud-hypervisor", true, "usable")
 			}
+			flavour := map[string]string{"rund": "rund's streamlined kernel", "cloud": "Debian's cloud kernel (build rund's with `make kernel`)"}[cfg.GuestKernel]
+			add("guest flavour", true, "%s", flavour)
 			for _, f := range []struct{ what, path string }{{"guest kernel", cfg.Kernel}, {"guest initramfs", cfg.Initrd}} {
 				if fi, err := os.Stat(f.path); err != nil {
 					add(f.what, false, "%s missing (run `make install`)", f.path)

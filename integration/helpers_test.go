@@ -28,6 +28,17 @@ func rund(t testing.TB) string {
 	return p
 }
 
+// guestFile is name (vmlinuz, initrd.img) of the guest flavour rund picks by
+// default: its streamlined kernel where built, else Debian's cloud kernel.
+func guestFile(t testing.TB, name string) string {
+	t.Helper()
+	dir := filepath.Join(filepath.Dir(rund(t)), "guest")
+	if _, err := os.Stat(filepath.Join(dir, "rund", "vmlinuz")); err == nil {
+		return filepath.Join(dir, "rund", name)
+	}
+	return filepath.Join(dir, "cloud", name)
+}
+
 // requires skips the test unless each named capability is present.
 func requires(t testing.TB, what ...string) {
 	t.Helper()

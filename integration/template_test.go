@@ -131,7 +131,7 @@ func TestTemplateRebuiltAfterKernelChange(t *testing.T) {
 	kernel := filepath.Join(t.TempDir(), "vmlinuz")
 	src := os.Getenv("RUND_KERNEL")
 	if src == "" {
-		src = filepath.Join(filepath.Dir(rund(t)), "guest", "vmlinuz")
+		src = guestFile(t, "vmlinuz")
 	}
 	data, err := os.ReadFile(src)
 	if err != nil {

@@ -14,8 +14,13 @@ import (
 
 // Config is rund's configuration. The TOML keys are the field tags.
 type Config struct {
-	// Kernel and Initrd are the guest kernel and initramfs. Empty: the first
-	// found of /usr/local/share/rund/<name> and <dir of rund>/guest/<name>.
+	// GuestKernel picks the guest kernel flavour: "rund" (the streamlined
+	// kernel `make kernel` builds), "cloud" (Debian's cloud kernel) or "auto"
+	// (rund's where it was built, else cloud's).
+	GuestKernel string `toml:"guest_kernel"`
+	// Kernel and Initrd are the guest kernel and initramfs. Empty: the
+	// flavour's, the first found of /usr/local/share/rund/<flavour>/<name>
+	// and <dir of rund>/guest/<flavour>/<name>.
 	Kernel string `toml:"kernel"`
 	Initrd string `toml:"initrd"`
 	// KernelCmdline is appended to the guest kernel command line.
@@ -59,6 +64,7 @@ type Config struct {
 // Default returns the configuration used for keys the file does not set.
 func Default() Config {
 	return Config{
+		GuestKernel:        "auto",
 		DataDir:            "/var/lib/rund",
 		MemDir:             "/dev/shm/rund",
 		Hypervisor:         "qemu",
@@ -99,8 +105,7 @@ func Load(path string) (Config, error) {
 	if err := c.validate(); err != nil {
 		return c, fmt.Errorf("config %s: %w", path, err)
 	}
-	c.Kernel = findGuestFile(c.Kernel, "vmlinuz")
-	c.Initrd = findGuestFile(c.Initrd, "initrd.img")
+	c.resolveGuest(GuestDirs())
 	return c, nil
 }
 
@@ -109,6 +114,11 @@ func (c *Config) validate() error {
 	case "qemu", "cloud-hypervisor":
 	default:
 		return fmt.Errorf("hypervisor %q: want qemu or cloud-hypervisor", c.Hypervisor)
+	}
+	switch c.GuestKernel {
+	case "auto", "rund", "cloud":
+	default:
+		return fmt.Errorf("guest_kernel %q: want auto, rund or cloud", c.GuestKernel)
 	}
 	switch c.Accel {
 	case "auto", "kvm", "tcg":
@@ -139,20 +149,48 @@ func (c *Config) validate() error {
 	return nil
 }
 
-// findGuestFile returns configured if set, else the first existing default
-// location of name (or the first location, so errors name a path).
-func findGuestFile(configured, name string) string {
-	if configured != "" {
-		return configured
-	}
-	cands := []string{filepath.Join("/usr/local/share/rund", name)}
+// GuestDirs are the directories searched for the guest flavours, in order:
+// the installed one, then guest/ beside the rund binary.
+func GuestDirs() []string {
+	dirs := []string{"/usr/local/share/rund"}
 	if exe, err := os.Executable(); err == nil {
-		cands = append(cands, filepath.Join(filepath.Dir(exe), "guest", name))
+		dirs = append(dirs, filepath.Join(filepath.Dir(exe), "guest"))
 	}
-	for _, p := range cands {
+	return dirs
+}
+
+// resolveGuest fills Kernel and Initrd that the file left empty with the
+// flavour's files, and settles GuestKernel "auto" on the flavour found.
+func (c *Config) resolveGuest(dirs []string) {
+	flavour := c.GuestKernel
+	if flavour == "auto" {
+		flavour = "cloud"
+		if findGuestFile(dirs, "rund", "vmlinuz") != "" && findGuestFile(dirs, "rund", "initrd.img") != "" {
+			flavour = "rund"
+		}
+		c.GuestKernel = flavour
+	}
+	for _, f := range []struct {
+		path *string
+		name string
+	}{{&c.Kernel, "vmlinuz"}, {&c.Initrd, "initrd.img"}} {
+		if *f.path != "" {
+			continue
+		}
+		if *f.path = findGuestFile(dirs, flavour, f.name); *f.path == "" {
+			// Not built: name the first place, so errors name a path.
+			*f.path = filepath.Join(dirs[0], flavour, f.name)
+		}
+	}
+}
+
+// findGuestFile returns the first existing dir/flavour/name, or "".
+func findGuestFile(dirs []string, flavour, name string) string {
+	for _, d := range dirs {
+		p := filepath.Join(d, flavour, name)
 		if _, err := os.Stat(p); err == nil {
 			return p
 		}
 	}
-	return cands[0]
+	return ""
 }

@@ -24,8 +24,12 @@ func e2eConfig(t *testing.T) vm.Config {
 	kernel := os.Getenv("RUND_CH_KERNEL")
 	initrd := os.Getenv("RUND_CH_INITRD")
 	if kernel == "" {
-		kernel, _ = filepath.Abs("../../bin/guest/vmlinuz")
-		initrd, _ = filepath.Abs("../../bin/guest/initrd.img")
+		dir := "../../bin/guest/rund"
+		if _, err := os.Stat(dir + "/vmlinuz"); err != nil {
+			dir = "../../bin/guest/cloud"
+		}
+		kernel, _ = filepath.Abs(dir + "/vmlinuz")
+		initrd, _ = filepath.Abs(dir + "/initrd.img")
 	}
 	b := New("")
 	if err := b.Check(context.Background(), kernel); err != nil {

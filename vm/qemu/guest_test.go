@@ -21,10 +21,15 @@ import (
 // modules, and a static busybox for the test initramfs. They run under TCG
 // whatever the host offers, and at most two VMs at a time.
 
-// guestModules are loaded by the test initramfs, dependencies first.
-var guestModules = []string{
-	"virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev",
-	"virtio_pci", "virtio_blk", "virtio_console",
+// guestModules lists the modules the guest kernel in dir needs (its
+// modules/order: virtio for Debian's cloud kernel, none for rund's own).
+func guestModules(t *testing.T, dir string) []string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(dir, "modules", "order"))
+	if err != nil {
+		t.Skipf("needs the guest kernel's modules/order next to it: %v", err)
+	}
+	return strings.Fields(string(b))
 }
 
 // testInit is the test initramfs's /init. It loads the virtio modules,
@@ -36,7 +41,7 @@ const testInit = `#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-for m in $(cat /mod/order); do insmod /mod/$m.ko || echo "insmod $m failed"; done
+for m in $(cat /mod/order); do insmod /mod/$m || echo "insmod $m failed"; done
 port=
 while [ -z "$port" ]; do
 	for p in /sys/class/virtio-ports/*; do
@@ -71,7 +76,10 @@ func testKernel(t *testing.T) string {
 	}
 	k := os.Getenv("RUND_TEST_KERNEL")
 	if k == "" {
-		k = "../../bin/guest/vmlinuz"
+		k = "../../bin/guest/rund/vmlinuz"
+		if _, err := os.Stat(k); err != nil {
+			k = "../../bin/guest/cloud/vmlinuz"
+		}
 	}
 	k, err := filepath.Abs(k)
 	if err != nil {
@@ -80,8 +88,8 @@ func testKernel(t *testing.T) string {
 	if _, err := os.Stat(k); err != nil {
 		t.Skipf("needs the guest kernel (set RUND_TEST_KERNEL): %v", err)
 	}
-	for _, m := range guestModules {
-		if _, err := os.Stat(filepath.Join(filepath.Dir(k), "modules", m+".ko")); err != nil {
+	for _, m := range guestModules(t, filepath.Dir(k)) {
+		if _, err := os.Stat(filepath.Join(filepath.Dir(k), "modules", m)); err != nil {
 			t.Skipf("needs the guest kernel's modules next to it: %v", err)
 		}
 	}
@@ -116,9 +124,10 @@ func testInitramfs(t *testing.T, kernel, dir string) string {
 	w.charDev("dev/console", 5, 1)
 	w.fileFrom(t, "bin/busybox", bb, 0o755)
 	w.file("init", []byte(testInit), 0o755)
-	w.file("mod/order", []byte(strings.Join(guestModules, "\n")+"\n"), 0o644)
-	for _, m := range guestModules {
-		w.fileFrom(t, "mod/"+m+".ko", filepath.Join(filepath.Dir(kernel), "modules", m+".ko"), 0o644)
+	mods := guestModules(t, filepath.Dir(kernel))
+	w.file("mod/order", []byte(strings.Join(mods, "\n")+"\n"), 0o644)
+	for _, m := range mods {
+		w.fileFrom(t, "mod/"+m, filepath.Join(filepath.Dir(kernel), "modules", m), 0o644)
 	}
 	path := filepath.Join(dir, "initrd.cpio")
 	if err := os.WriteFile(path, w.finish(), 0o644); err != nil {

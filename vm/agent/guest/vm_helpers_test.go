@@ -27,7 +27,19 @@ import (
 
 const blobSize = 10 << 20
 
-var kernelDir = filepath.Join("..", "..", "..", "bin", "guest")
+// kernelDir is the guest flavour the tests boot: RUND_TEST_GUEST (a
+// directory like bin/guest/cloud), else rund's own kernel where built, else
+// Debian's cloud kernel.
+var kernelDir = func() string {
+	if d := os.Getenv("RUND_TEST_GUEST"); d != "" {
+		return d
+	}
+	d := filepath.Join("..", "..", "..", "bin", "guest", "rund")
+	if _, err := os.Stat(filepath.Join(d, "vmlinuz")); err == nil {
+		return d
+	}
+	return filepath.Join("..", "..", "..", "bin", "guest", "cloud")
+}()
 
 // vmEnv is what every VM test shares: built once per test binary.
 type vmEnv struct {

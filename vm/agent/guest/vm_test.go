@@ -335,7 +335,7 @@ func TestAgentPIDNamespace(t *testing.T) {
 	if err := v.c.Start(ctx); err != nil {
 		t.Fatalf("start: %v", err)
 	}
-	r := v.mustRun(2, sh(`echo exec-pid $$; tr '\0' ' ' < /proc/1/cmdline; echo; ps; echo procs $(ls /proc | grep -cE '^[0-9]+$'); cat /proc/kcore | wc -c; (echo 1 > /proc/sys/kernel/ns_last_pid) 2>&1 | grep -q Read-only && echo ro-proc-sys`), nil)
+	r := v.mustRun(2, sh(`echo exec-pid $$; tr '\0' ' ' < /proc/1/cmdline; echo; ps; echo procs $(ls /proc | grep -cE '^[0-9]+$'); cat /proc/kcore | wc -c; (echo 1 > /proc/sys/kernel/domainname) 2>&1 | grep -q Read-only && echo ro-proc-sys`), nil)
 	out := r.stdout.String()
 	t.Logf("exec in the container:\n%s", out)
 	if r.status != 0 || strings.Contains(out, "exec-pid 1\n") || !strings.Contains(out, "exec-pid ") {
