@@ -18,6 +18,7 @@ func allCommands() []*cli.Command {
 		createCommand(), startCommand(), stateCommand(), killCommand(), deleteCommand(),
 		runCommand(), listCommand(), execCommand(), psCommand(), pauseCommand(), resumeCommand(),
 		featuresCommand(), specCommand(), checkCommand(), checkpointCommand(), shimCommand(), execRelayCommand(), templateCommand(), PoolCommand(),
+		kernelpatchCommand(),
 	}
 }
 

@@ -63,6 +63,8 @@ func (s *shim) handle(c net.Conn) {
 		err = s.agent.Resume(ctx)
 	case shimapi.OpPs:
 		resp.Pids, err = s.agent.Ps(ctx)
+	case shimapi.OpIomem:
+		resp.Iomem, err = s.agent.Iomem(ctx)
 	default:
 		err = fmt.Errorf("unknown operation %q", req.Op)
 	}

@@ -87,6 +87,7 @@ const (
 	OpPause  = "pause"
 	OpResume = "resume"
 	OpPs     = "ps"
+	OpIomem  = "iomem"
 )
 
 // Request is one control request, a JSON line.
@@ -105,4 +106,6 @@ type Response struct {
 	Error string `json:"error,omitempty"`
 	Pids  []int  `json:"pids,omitempty"`
 	Pid   int    `json:"pid,omitempty"`
+	// Iomem is the guest's /proc/iomem, the answer to OpIomem.
+	Iomem string `json:"iomem,omitempty"`
 }

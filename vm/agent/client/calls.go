@@ -94,6 +94,13 @@ func (c *Client) Resume(ctx context.Context) error {
 	return err
 }
 
+// Iomem returns the text of the guest's /proc/iomem (the kernel's layout
+// in guest-physical memory).
+func (c *Client) Iomem(ctx context.Context) (string, error) {
+	r, err := c.call(ctx, proto.KindIomem, 0, nil)
+	return r.Info, err
+}
+
 // Ps returns the guest pids of the container's processes.
 func (c *Client) Ps(ctx context.Context) ([]int, error) {
 	r, err := c.call(ctx, proto.KindPs, 0, nil)

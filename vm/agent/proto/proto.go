@@ -50,6 +50,7 @@ const (
 	KindLog        Kind = 16 // G→H raw text: agent diagnostics for the host's debug log
 	KindPause      Kind = 17 // H→G freeze the container's processes (SIGSTOP)
 	KindResume     Kind = 18 // H→G thaw them (SIGCONT)
+	KindIomem      Kind = 19 // H→G; Reply.Info carries the guest's /proc/iomem
 )
 
 var kindNames = map[Kind]string{
@@ -57,7 +58,7 @@ var kindNames = map[Kind]string{
 	KindExec: "exec", KindSignal: "signal", KindResize: "resize", KindStdin: "stdin",
 	KindCloseStdin: "close-stdin", KindStdout: "stdout", KindStderr: "stderr",
 	KindExit: "exit", KindPs: "ps", KindShutdown: "shutdown", KindWarmup: "warmup",
-	KindLog: "log", KindPause: "pause", KindResume: "resume",
+	KindLog: "log", KindPause: "pause", KindResume: "resume", KindIomem: "iomem",
 }
 
 func (k Kind) String() string {
