@@ -1,10 +1,14 @@
 // Package benchutil holds what rund's benchmark programs share: writing the
-// JSON result, reading the load average, removing a test cgroup parent.
+// JSON result, reading the load average, removing a test cgroup parent,
+// making busybox bundles.
 package benchutil
 
 import (
 	"encoding/json"
+	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 )
@@ -42,4 +46,69 @@ func RemoveCgroupParent(parent string) {
 	for _, d := range append(dirs, dirs2...) {
 		os.Remove(d)
 	}
+}
+
+// BusyboxRootfs makes a rootfs at dir holding the static busybox binary and
+// a link for each of its applets in /bin.
+func BusyboxRootfs(dir, busybox string) error {
+	for _, d := range []string{"bin", "proc", "sys", "dev", "tmp", "etc", "root"} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
+			return err
+		}
+	}
+	src, err := os.ReadFile(busybox)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "bin", "busybox"), src, 0o755); err != nil {
+		return err
+	}
+	list, err := exec.Command(busybox, "--list").Output()
+	if err != nil {
+		return fmt.Errorf("busybox --list: %w", err)
+	}
+	for _, a := range strings.Fields(string(list)) {
+		if a == "busybox" || strings.Contains(a, "/") {
+			continue
+		}
+		if err := os.Symlink("busybox", filepath.Join(dir, "bin", a)); err != nil && !errors.Is(err, os.ErrExist) {
+			return err
+		}
+	}
+	return nil
+}
+
+// Bundle writes dir/config.json: `rund spec`'s default with rootfs (absolute,
+// writable) and the process args, without a terminal.
+func Bundle(rund, dir, rootfs string, args ...string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	cfg := filepath.Join(dir, "config.json")
+	os.Remove(cfg)
+	if out, err := exec.Command(rund, "spec", "-b", dir).CombinedOutput(); err != nil {
+		return fmt.Errorf("rund spec: %v: %s", err, out)
+	}
+	raw, err := os.ReadFile(cfg)
+	if err != nil {
+		return err
+	}
+	var s map[string]any
+	if err := json.Unmarshal(raw, &s); err != nil {
+		return fmt.Errorf("rund spec output: %w", err)
+	}
+	proc, _ := s["process"].(map[string]any)
+	root, _ := s["root"].(map[string]any)
+	if proc == nil || root == nil {
+		return errors.New("rund spec output has no process or root")
+	}
+	proc["terminal"] = false
+	proc["args"] = args
+	root["path"] = rootfs
+	root["readonly"] = false
+	out, err := json.MarshalIndent(s, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(cfg, out, 0o644)
 }

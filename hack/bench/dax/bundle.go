@@ -1,15 +1,12 @@
 package main
 
 import (
-	"encoding/json"
-	"errors"
-	"fmt"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"time"
+
+	"github.com/rund-dev/rund/hack/bench/benchutil"
 )
 
 // bundles are the two bundle dirs; both name one rootfs, so both sandboxes
@@ -36,67 +33,17 @@ func makeBundles(top, rund, busybox string, blobMiB int) (*bundles, error) {
 		reader:   filepath.Join(top, "bundle-reader"),
 		baseline: filepath.Join(top, "bundle-baseline"),
 	}
-	for _, d := range []string{"bin", "proc", "sys", "dev", "tmp", "etc", "root", "data"} {
-		if err := os.MkdirAll(filepath.Join(b.rootfs, d), 0o755); err != nil {
-			return nil, err
-		}
-	}
-	src, err := os.ReadFile(busybox)
-	if err != nil {
+	if err := benchutil.BusyboxRootfs(b.rootfs, busybox); err != nil {
 		return nil, err
 	}
-	if err := os.WriteFile(filepath.Join(b.rootfs, "bin", "busybox"), src, 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Join(b.rootfs, "data"), 0o755); err != nil {
 		return nil, err
-	}
-	list, err := exec.Command(busybox, "--list").Output()
-	if err != nil {
-		return nil, fmt.Errorf("busybox --list: %w", err)
-	}
-	for _, a := range strings.Fields(string(list)) {
-		if a == "busybox" || strings.Contains(a, "/") {
-			continue
-		}
-		if err := os.Symlink("busybox", filepath.Join(b.rootfs, "bin", a)); err != nil && !errors.Is(err, os.ErrExist) {
-			return nil, err
-		}
 	}
 	if err := writeRandom(filepath.Join(b.rootfs, "data", "blob"), int64(blobMiB)<<20); err != nil {
 		return nil, err
 	}
-
-	spec := filepath.Join(top, "spec")
-	if err := os.MkdirAll(spec, 0o755); err != nil {
-		return nil, err
-	}
-	if out, err := exec.Command(rund, "spec", "-b", spec).CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("rund spec: %v: %s", err, out)
-	}
-	raw, err := os.ReadFile(filepath.Join(spec, "config.json"))
-	if err != nil {
-		return nil, err
-	}
 	for dir, script := range map[string]string{b.reader: readerScript, b.baseline: baselineScript} {
-		var s map[string]any
-		if err := json.Unmarshal(raw, &s); err != nil {
-			return nil, fmt.Errorf("rund spec output: %w", err)
-		}
-		proc, _ := s["process"].(map[string]any)
-		root, _ := s["root"].(map[string]any)
-		if proc == nil || root == nil {
-			return nil, errors.New("rund spec output has no process or root")
-		}
-		proc["terminal"] = false
-		proc["args"] = []string{"/bin/sh", "-c", script}
-		root["path"] = b.rootfs
-		root["readonly"] = false
-		out, err := json.MarshalIndent(s, "", "  ")
-		if err != nil {
-			return nil, err
-		}
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			return nil, err
-		}
-		if err := os.WriteFile(filepath.Join(dir, "config.json"), out, 0o644); err != nil {
+		if err := benchutil.Bundle(rund, dir, b.rootfs, "/bin/sh", "-c", script); err != nil {
 			return nil, err
 		}
 	}
