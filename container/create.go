@@ -132,18 +132,19 @@ func Create(ctx context.Context, o CreateOptions) (*State, error) {
 // the cgroup lease to the shim once it runs.
 func prepare(ctx context.Context, o CreateOptions, spec *specs.Spec, st *State, undo *cleanup.Stack) (*shimapi.Launch, []*os.File, func(int) error, error) {
 	cfg := o.Config
-	req, err := toCreateRequest(o.ID, spec, func(f string, a ...any) { logrus.Warnf(f, a...) })
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	l := BaseLaunch(o.Options, o.ID)
-	l.Create = req
 	hv := hypervisorOf(cfg, spec)
 	switch hv {
 	case "qemu", "cloud-hypervisor":
 	default:
 		return nil, nil, nil, fmt.Errorf("annotation %s: unknown hypervisor %q (want qemu or cloud-hypervisor)", AnnotationHypervisor, hv)
 	}
+	shares := newShareSet(cfg.Shares, hv)
+	req, err := toCreateRequest(o.ID, spec, shares.add, func(f string, a ...any) { logrus.Warnf(f, a...) })
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	l := BaseLaunch(o.Options, o.ID)
+	l.Create = req
 	setBackend(l, cfg, hv, templatesOn(cfg, spec))
 	st.Hypervisor = l.Hypervisor
 	for _, p := range []string{cfg.Kernel, cfg.Initrd} {
@@ -151,9 +152,13 @@ func prepare(ctx context.Context, o CreateOptions, spec *specs.Spec, st *State, 
 			return nil, nil, nil, fmt.Errorf("guest artifact: %w (run `make install`, or set kernel/initrd in the config)", err)
 		}
 	}
-	files, err := prepareRootfs(ctx, cfg, spec, st, l, undo)
+	files, err := prepareRootfs(ctx, cfg, spec, st, l, shares.add)
 	if err != nil {
 		return nil, nil, nil, err
+	}
+	l.Shares = shares.list
+	if l.Hypervisor == "qemu" {
+		l.ShareSlots = shareClass(len(l.Shares), cfg.Shares)
 	}
 	handOver, err := prepareCgroup(ctx, o, spec, st, l, undo)
 	if err != nil {

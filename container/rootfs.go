@@ -11,7 +11,6 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/sirupsen/logrus"
 
-	"github.com/rund-dev/rund/internal/cleanup"
 	"github.com/rund-dev/rund/internal/config"
 	"github.com/rund-dev/rund/internal/shimapi"
 	"github.com/rund-dev/rund/rootfs"
@@ -22,11 +21,18 @@ import (
 // and a fresh writable layer, a reflink copy of a pre-formatted ext4 disk,
 // already unlinked. It returns the files the shim inherits, in the order of
 // shimapi.WritableFd and shimapi.ImageFd.
-func prepareRootfs(ctx context.Context, cfg config.Config, s *specs.Spec, st *State, l *shimapi.Launch, undo *cleanup.Stack) ([]*os.File, error) {
+func prepareRootfs(ctx context.Context, cfg config.Config, s *specs.Spec, st *State, l *shimapi.Launch, share shareFunc) ([]*os.File, error) {
 	switch m := rootfsModeOf(cfg, s); m {
 	case "split":
 	case "shared":
-		return nil, errors.New("rootfs mode \"shared\" needs 9p or virtio-fs in the guest, which this guest kernel lacks (see README)")
+		// runc's semantics: the container's root is the bundle's rootfs
+		// itself, writes land on the host.
+		tag, fsType, err := share(st.Rootfs, s.Root != nil && s.Root.Readonly)
+		if err != nil {
+			return nil, fmt.Errorf("shared rootfs: %w", err)
+		}
+		l.Create.Root.SharedTag, l.Create.Root.SharedType = tag, fsType
+		return nil, nil
 	default:
 		return nil, fmt.Errorf("annotation %s: unknown rootfs mode %q (want split or shared)", AnnotationRootfs, m)
 	}

@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -106,9 +108,10 @@ func toProcess(p *specs.Process) proto.Process {
 }
 
 // toCreateRequest converts the spec into what the agent needs, reading host
-// files that are bind-mounted into the container. warn receives what cannot
-// be honoured inside a VM.
-func toCreateRequest(id string, s *specs.Spec, warn func(string, ...any)) (proto.CreateRequest, error) {
+// files that are bind-mounted into the container and sharing host
+// directories through share. warn receives what cannot be honoured inside a
+// VM.
+func toCreateRequest(id string, s *specs.Spec, share shareFunc, warn func(string, ...any)) (proto.CreateRequest, error) {
 	req := proto.CreateRequest{
 		ID:       id,
 		Hostname: s.Hostname,
@@ -127,11 +130,19 @@ func toCreateRequest(id string, s *specs.Spec, warn func(string, ...any)) (proto
 			if err != nil {
 				return req, fmt.Errorf("bind mount %s -> %s: %w", m.Source, m.Destination, err)
 			}
-			if !ok {
-				// A host directory: needs a shared filesystem in the guest.
-				warn("bind mount of host directory %s at %s: not shared with the guest; using an empty tmpfs", m.Source, m.Destination)
-				pm = proto.Mount{Destination: m.Destination, Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "nodev", "mode=755"}}
-			} else {
+			switch {
+			case !ok && path.Clean(m.Destination) == "/dev/shm":
+				// Shared memory never crosses the VM boundary: the
+				// guest's own tmpfs (podman binds a host shm directory).
+				pm = proto.Mount{Destination: m.Destination, Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "nodev", "noexec", "mode=1777"}}
+			case !ok:
+				// A host directory: shared with the guest over 9p.
+				tag, fsType, err := share(m.Source, hasOption(m.Options, "ro"))
+				if err != nil {
+					return req, fmt.Errorf("bind mount %s -> %s: %w", m.Source, m.Destination, err)
+				}
+				pm.Type, pm.Source, pm.Tag = fsType, "", tag
+			default:
 				pm.Data = data
 				pm.Type = "bind"
 			}
@@ -139,6 +150,10 @@ func toCreateRequest(id string, s *specs.Spec, warn func(string, ...any)) (proto
 		req.Mounts = append(req.Mounts, pm)
 	}
 	return req, nil
+}
+
+func hasOption(opts []string, want string) bool {
+	return slices.Contains(opts, want)
 }
 
 func isBind(m specs.Mount) bool {

@@ -311,6 +311,20 @@ var podmanScenarios = []struct {
 			}
 		}
 	}},
+	{"Volume", func(t *testing.T, p *podman) {
+		// -v host:ctr and -v host:ctr:ro: reads and writes reach the host.
+		vol, ro := t.TempDir(), t.TempDir()
+		os.WriteFile(filepath.Join(vol, "in"), []byte("host-data\n"), 0o644)
+		os.WriteFile(filepath.Join(ro, "in"), []byte("ro-data\n"), 0o644)
+		r := p.run("", "run", "--rm", "-v", vol+":/vol", "-v", ro+":/ro:ro", podmanImage, "sh", "-c",
+			"cat /vol/in /ro/in; echo guest-data > /vol/out; (echo x > /ro/out) 2>/dev/null || echo ro-refused")
+		if r.code != 0 || r.stdout != "host-data\nro-data\nro-refused\n" {
+			t.Errorf("volumes: code %d stdout %q stderr %q", r.code, r.stdout, r.stderr)
+		}
+		if got, _ := os.ReadFile(filepath.Join(vol, "out")); string(got) != "guest-data\n" {
+			t.Errorf("the host sees %q", got)
+		}
+	}},
 	{"RunStdin", func(t *testing.T, p *podman) {
 		r := p.run("line one\nline two\n", "run", "--rm", "-i", podmanImage, "sh", "-c", "cat; echo done")
 		if r.code != 0 || r.stdout != "line one\nline two\ndone\n" {

@@ -23,16 +23,34 @@ type layout struct {
 	pmemSize int64
 	// writableSize > 0 adds the writable layer's virtio-blk disk.
 	writableSize int64
+	// shares is the number of 9p devices (tags shimapi.ShareTag(i)).
+	shares int
 }
 
 // layoutOf chooses the layout for a launch: pmem when the image fits the
 // configured region size.
 func layoutOf(l *shimapi.Launch) layout {
-	lay := layout{writableSize: l.WritableSize}
+	lay := layout{writableSize: l.WritableSize, shares: l.ShareSlots}
 	if l.PmemSize > 0 && l.RootImageSize <= l.PmemSize {
 		lay.pmemSize = l.PmemSize
 	}
 	return lay
+}
+
+// attachShares adds the share devices: slot i shows shares[i], or the empty
+// directory when the sandbox shares fewer. Shares beyond the slots (a
+// backend whose templates carry none) are added after them.
+func (lay layout) attachShares(cfg *vm.Config, shares []vm.Share, empty string) {
+	for i := 0; i < lay.shares; i++ {
+		if i < len(shares) {
+			cfg.Shares = append(cfg.Shares, shares[i])
+			continue
+		}
+		cfg.Shares = append(cfg.Shares, vm.Share{Tag: shimapi.ShareTag(i), Path: empty, ReadOnly: true})
+	}
+	if len(shares) > lay.shares {
+		cfg.Shares = append(cfg.Shares, shares[lay.shares:]...)
+	}
 }
 
 // attach adds the devices to cfg with the given backings (ro: the image,
@@ -87,6 +105,9 @@ func (lay layout) key() []string {
 	}
 	if lay.writableSize > 0 {
 		k = append(k, fmt.Sprintf("disk:rootrw:rw:%d", lay.writableSize))
+	}
+	for i := 0; i < lay.shares; i++ {
+		k = append(k, "share:"+shimapi.ShareTag(i))
 	}
 	return k
 }

@@ -57,7 +57,7 @@ func BuildTemplate(ctx context.Context, b vm.Backend, cfg vm.Config, lay layout,
 	if err := os.Truncate(ro, lay.roSize()); err != nil {
 		return fmt.Errorf("sizing read-only placeholder: %w", err)
 	}
-	cfg.Disks, cfg.Pmems, cfg.Files = nil, nil, nil
+	cfg.Disks, cfg.Pmems, cfg.Files, cfg.Shares = nil, nil, nil, nil
 	rw := filepath.Join(ph, "rw.img")
 	if lay.writableSize > 0 {
 		if err := os.WriteFile(rw, nil, 0o600); err != nil {
@@ -71,6 +71,7 @@ func BuildTemplate(ctx context.Context, b vm.Backend, cfg vm.Config, lay layout,
 		}
 	}
 	lay.attach(&cfg, ro, rw)
+	lay.attachShares(&cfg, nil, empty)
 	root := lay.root(false)
 	cfg.MemPath, cfg.MemShared = memPath, true
 	cfg.ConsoleLog = filepath.Join(ph, "console.log")

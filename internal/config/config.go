@@ -51,6 +51,12 @@ type Config struct {
 	// through (DAX: the guest reads the host's page cache); images larger
 	// than it use virtio-blk. 0 always uses virtio-blk.
 	PmemMiB int `toml:"pmem_mib"`
+	// Shares is how many host directories a sandbox can share with its
+	// guest over 9p (bind mounts of host directories, and the root in
+	// "shared" mode). A sandbox sharing n directories is cloned from a
+	// template carrying 1, 2, 4 or 8 9p devices (the smallest class that
+	// holds n), so clones get their directories without hot-plug.
+	Shares int `toml:"shares"`
 	// ImageCacheMiB bounds the read-only image cache.
 	ImageCacheMiB int `toml:"image_cache_mib"`
 	// CgroupParent is where containers without a cgroupsPath are placed.
@@ -60,6 +66,9 @@ type Config struct {
 	// BootTimeoutSeconds bounds a cold boot until the agent answers.
 	BootTimeoutSeconds int `toml:"boot_timeout_seconds"`
 }
+
+// MaxShares bounds the shares key: each is a PCI slot of the sandbox.
+const MaxShares = 8
 
 // Default returns the configuration used for keys the file does not set.
 func Default() Config {
@@ -76,6 +85,7 @@ func Default() Config {
 		Rootfs:             "split",
 		WritableMiB:        1024,
 		PmemMiB:            512,
+		Shares:             4,
 		ImageCacheMiB:      4096,
 		CgroupParent:       "/rund",
 		CgroupPool:         "on",
@@ -142,6 +152,9 @@ func (c *Config) validate() error {
 	}
 	if c.VCPUs < 1 || c.MemoryMiB < 64 || c.WritableMiB < 16 {
 		return errors.New("vcpus must be >= 1, memory_mib >= 64, writable_mib >= 16")
+	}
+	if c.Shares < 0 || c.Shares > MaxShares {
+		return fmt.Errorf("shares %d: want 0 to %d", c.Shares, MaxShares)
 	}
 	if c.PmemMiB < 0 || c.PmemMiB%2 != 0 {
 		return fmt.Errorf("pmem_mib %d: want 0 or a positive multiple of 2", c.PmemMiB)

@@ -5,6 +5,9 @@
 package shimapi
 
 import (
+	"fmt"
+
+	"github.com/rund-dev/rund/vm"
 	"github.com/rund-dev/rund/vm/agent/proto"
 )
 
@@ -25,6 +28,9 @@ const (
 	WritableFd = 4 // the writable-layer disk, already unlinked (split rootfs)
 	ImageFd    = 5 // the read-only image, held open so the cache keeps it
 )
+
+// ShareTag is the guest's name of share slot i.
+func ShareTag(i int) string { return fmt.Sprintf("rund%d", i) }
 
 // Launch tells the shim what to run.
 type Launch struct {
@@ -59,8 +65,11 @@ type Launch struct {
 	// WritableSize is the writable layer's size in bytes (templates carry
 	// a placeholder of the same size).
 	WritableSize int64 `json:"writableSize,omitempty"`
-	// SharedRoot, when set, is the host directory exported as the root.
-	SharedRoot string `json:"sharedRoot,omitempty"`
+	// ShareSlots is how many 9p devices the sandbox's VM carries (the
+	// template's layout); Shares are the host directories behind the first
+	// ones, tagged ShareTag(i). The rest are backed by an empty directory.
+	ShareSlots int        `json:"shareSlots,omitempty"`
+	Shares     []vm.Share `json:"shares,omitempty"`
 
 	// CgroupProcs are cgroup.procs files the VMM and the shim join.
 	CgroupProcs []string `json:"cgroupProcs,omitempty"`

@@ -70,8 +70,10 @@ func deviceLayout(cfg *vm.Config) []string {
 	for _, x := range cfg.Pmems {
 		d = append(d, "pmem:"+x.ID+":"+strconv.FormatInt(x.Size, 10)+ro(x.ReadOnly))
 	}
+	// A share's read-only flag is the host side's (fsdev) alone: a clone
+	// may export its directory read-only where the template's was not.
 	for _, x := range cfg.Shares {
-		d = append(d, "share:"+x.Tag+ro(x.ReadOnly))
+		d = append(d, "share:"+x.Tag)
 	}
 	return d
 }

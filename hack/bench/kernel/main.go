@@ -171,16 +171,28 @@ func (f *flavour) config(templates string) string {
 func (f *flavour) rund(ctx context.Context, templates string, args ...string) ([]byte, time.Duration, error) {
 	all := append([]string{"--root", filepath.Join(f.dir, "state"), "--config", f.config(templates)}, args...)
 	cmd := exec.CommandContext(ctx, f.o.rund, all...)
-	var out strings.Builder
-	cmd.Stdout = &out
-	cmd.Stderr = &out
+	// A file, not a pipe: a detached sandbox's shim keeps its stdio open,
+	// and Run would wait for a pipe's EOF.
+	var files [2]*os.File
+	for i := range files {
+		of, err := os.CreateTemp(f.dir, "out.")
+		if err != nil {
+			return nil, 0, err
+		}
+		defer os.Remove(of.Name())
+		defer of.Close()
+		files[i] = of
+	}
+	cmd.Stdout, cmd.Stderr = files[0], files[1]
 	t := time.Now()
 	err := cmd.Run()
 	d := time.Since(t)
+	out, _ := os.ReadFile(files[0].Name())
 	if err != nil {
-		return []byte(out.String()), d, fmt.Errorf("rund %s: %w: %s", strings.Join(args, " "), err, out.String())
+		stderr, _ := os.ReadFile(files[1].Name())
+		return out, d, fmt.Errorf("rund %s: %w: %s%s", strings.Join(args, " "), err, out, stderr)
 	}
-	return []byte(out.String()), d, nil
+	return out, d, nil
 }
 
 func (f *flavour) id() string {

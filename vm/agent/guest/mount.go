@@ -95,7 +95,11 @@ func applyMount(rootfd int, filesDir string, i int, m proto.Mount, warn func(str
 			return err
 		}
 		defer unix.Close(fd)
-		err = mountShare(m.Tag, "", fdPath(fd), o.flags&^(unix.MS_BIND|unix.MS_REC))
+		typ := "" // whichever the kernel has
+		if m.Type == "9p" || m.Type == "virtiofs" {
+			typ = m.Type
+		}
+		err = mountShare(m.Tag, typ, fdPath(fd), o.flags&^(unix.MS_BIND|unix.MS_REC))
 	case bind:
 		// A host file, sent as Data (an empty file arrives without Data: the
 		// JSON field is omitted when empty).
