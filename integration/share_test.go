@@ -85,14 +85,19 @@ func TestHostDirectoryVolumes(t *testing.T) {
 // bundle's rootfs itself: its writes land there, as with runc.
 func TestSharedRootfs(t *testing.T) {
 	e := newEnv(t)
-	b := bundle(t, "sh", "-c", "cat /etc/group | head -1; echo made-in-guest > /root/created; echo done")
+	vol := t.TempDir()
+	b := bundle(t, "sh", "-c", "cat /etc/group | head -1; echo made-in-guest > /root/created; echo to-volume > /vol/v; echo done")
 	writeSpecAnnotation(t, b, "rund.rootfs", "shared")
+	addMounts(t, b, map[string]any{"destination": "/vol", "type": "bind", "source": vol, "options": []string{"rbind"}})
 	r := e.run("", "run", "--bundle", b, "shared1")
 	if r.code != 0 || !strings.Contains(r.stdout, "root:x:0:") || !strings.Contains(r.stdout, "done") {
 		t.Fatalf("run: exit %d: %s %s", r.code, r.stdout, r.stderr)
 	}
 	if got, _ := os.ReadFile(filepath.Join(b, "rootfs", "root", "created")); string(got) != "made-in-guest\n" {
 		t.Errorf("the guest's write is not in the bundle's rootfs: %q", got)
+	}
+	if got, _ := os.ReadFile(filepath.Join(vol, "v")); string(got) != "to-volume\n" {
+		t.Errorf("a volume of a shared-root container: the host sees %q", got)
 	}
 	// Read-only root: writes are refused, the bundle is untouched.
 	b2 := bundle(t, "sh", "-c", "(echo x > /root/nope) 2>/dev/null || echo refused")
