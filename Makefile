@@ -9,7 +9,7 @@ GOFLAGS_BUILD := -trimpath
 VERSION   := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X github.com/rund-dev/rund/commands.version=$(VERSION)
 
-.PHONY: all deps rund guest kernel cloud-kernel install test test-unit test-integration test-oci bench-startup bench-dax bench-cgpool vet fmt lint clean help
+.PHONY: all deps rund guest kernel cloud-kernel install test test-unit test-integration test-oci bench-startup bench-dax bench-cgpool bench-kernel vet fmt lint clean help
 
 all: rund guest
 
@@ -79,6 +79,10 @@ bench-dax: all
 # Cgroup setup: pool vs mkdir+apply+rmdir at 1..200 concurrent workers.
 bench-cgpool:
 	go run ./hack/bench/cgpool -workers 1,10,50,200 -n 2000 -out $(BIN)/bench-cgpool.json
+
+# Guest kernels: Debian's cloud kernel vs rund's streamlined one.
+bench-kernel: all
+	go run ./hack/bench/kernel -rund $(BIN)/rund -out $(BIN)/bench-kernel.json
 
 # The OCI runtime-tools validation suite, against runc and rund.
 test-oci: all

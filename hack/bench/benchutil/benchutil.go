@@ -79,8 +79,9 @@ func BusyboxRootfs(dir, busybox string) error {
 }
 
 // Bundle writes dir/config.json: `rund spec`'s default with rootfs (absolute,
-// writable) and the process args, without a terminal.
-func Bundle(rund, dir, rootfs string, args ...string) error {
+// writable), the annotations (if any) and the process args, without a
+// terminal.
+func Bundle(rund, dir, rootfs string, annotations map[string]string, args ...string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
@@ -106,6 +107,9 @@ func Bundle(rund, dir, rootfs string, args ...string) error {
 	proc["args"] = args
 	root["path"] = rootfs
 	root["readonly"] = false
+	if annotations != nil {
+		s["annotations"] = annotations
+	}
 	out, err := json.MarshalIndent(s, "", "  ")
 	if err != nil {
 		return err

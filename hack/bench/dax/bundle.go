@@ -43,7 +43,7 @@ func makeBundles(top, rund, busybox string, blobMiB int) (*bundles, error) {
 		return nil, err
 	}
 	for dir, script := range map[string]string{b.reader: readerScript, b.baseline: baselineScript} {
-		if err := benchutil.Bundle(rund, dir, b.rootfs, "/bin/sh", "-c", script); err != nil {
+		if err := benchutil.Bundle(rund, dir, b.rootfs, nil, "/bin/sh", "-c", script); err != nil {
 			return nil, err
 		}
 	}

@@ -125,10 +125,10 @@ func run(o options) error {
 		return err
 	}
 	bundles := map[string]string{"true": filepath.Join(top, "b-true"), "sleep": filepath.Join(top, "b-sleep")}
-	if err := benchutil.Bundle(o.rund, bundles["true"], rootfs, "/bin/true"); err != nil {
+	if err := benchutil.Bundle(o.rund, bundles["true"], rootfs, nil, "/bin/true"); err != nil {
 		return err
 	}
-	if err := benchutil.Bundle(o.rund, bundles["sleep"], rootfs, "/bin/sleep", "1000000"); err != nil {
+	if err := benchutil.Bundle(o.rund, bundles["sleep"], rootfs, nil, "/bin/sleep", "1000000"); err != nil {
 		return err
 	}
 	var errs []error

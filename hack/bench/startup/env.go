@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -123,45 +122,7 @@ func resolveBinary(p string) (string, error) {
 // all name it by absolute path: /bin/true from the template, /bin/true with
 // a cold boot, and `sleep 100000` for the idle sandboxes.
 func (e *env) makeBundles() error {
-	bin := filepath.Join(e.rootfs, "bin")
-	if err := os.MkdirAll(bin, 0o755); err != nil {
-		return err
-	}
-	for _, d := range []string{"proc", "sys", "dev", "tmp", "etc", "root"} {
-		if err := os.MkdirAll(filepath.Join(e.rootfs, d), 0o755); err != nil {
-			return err
-		}
-	}
-	src, err := os.ReadFile(e.o.busybox)
-	if err != nil {
-		return err
-	}
-	if err := os.WriteFile(filepath.Join(bin, "busybox"), src, 0o755); err != nil {
-		return err
-	}
-	list, err := exec.Command(e.o.busybox, "--list").Output()
-	if err != nil {
-		return fmt.Errorf("busybox --list: %w", err)
-	}
-	for _, a := range strings.Fields(string(list)) {
-		if a == "busybox" || strings.Contains(a, "/") {
-			continue
-		}
-		if err := os.Symlink("busybox", filepath.Join(bin, a)); err != nil && !errors.Is(err, os.ErrExist) {
-			return err
-		}
-	}
-
-	// rund spec writes the starter config; every bundle is derived from it.
-	base := filepath.Join(e.tmp, "spec")
-	if err := os.MkdirAll(base, 0o755); err != nil {
-		return err
-	}
-	if out, err := exec.Command(e.rund, "spec", "-b", base).CombinedOutput(); err != nil {
-		return fmt.Errorf("rund spec: %v: %s", err, out)
-	}
-	raw, err := os.ReadFile(filepath.Join(base, "config.json"))
-	if err != nil {
+	if err := benchutil.BusyboxRootfs(e.rootfs, e.o.busybox); err != nil {
 		return err
 	}
 	variants := []struct {
@@ -174,31 +135,8 @@ func (e *env) makeBundles() error {
 		{"sleep", []string{"/bin/sleep", "100000"}, nil},
 	}
 	for _, v := range variants {
-		var spec map[string]any
-		if err := json.Unmarshal(raw, &spec); err != nil {
-			return fmt.Errorf("rund spec output: %w", err)
-		}
-		proc, _ := spec["process"].(map[string]any)
-		root, _ := spec["root"].(map[string]any)
-		if proc == nil || root == nil {
-			return errors.New("rund spec output has no process or root")
-		}
-		proc["terminal"] = false
-		proc["args"] = v.args
-		root["path"] = e.rootfs
-		root["readonly"] = false
-		if v.ann != nil {
-			spec["annotations"] = v.ann
-		}
 		dir := filepath.Join(e.tmp, "bundle-"+v.name)
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			return err
-		}
-		b, err := json.MarshalIndent(spec, "", "  ")
-		if err != nil {
-			return err
-		}
-		if err := os.WriteFile(filepath.Join(dir, "config.json"), b, 0o644); err != nil {
+		if err := benchutil.Bundle(e.rund, dir, e.rootfs, v.ann, v.args...); err != nil {
 			return err
 		}
 		e.bundles[v.name] = dir
