@@ -6,7 +6,7 @@
 set -eu
 pkgs="qemu-system-x86 qemu-utils erofs-utils xfsprogs e2fsprogs busybox-static kmod cpio
 podman conmon runc uidmap fuse-overlayfs slirp4netns iproute2 util-linux ca-certificates
-linux-source-6.1 make gcc flex bison bc libelf-dev libssl-dev xz-utils"
+linux-source-6.1 make gcc flex bison bc perl libelf-dev libssl-dev xz-utils"
 missing=""
 for p in $pkgs; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
