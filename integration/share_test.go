@@ -30,14 +30,19 @@ func TestHostDirectoryVolumes(t *testing.T) {
 	vol, rovol := t.TempDir(), t.TempDir()
 	os.WriteFile(filepath.Join(vol, "in.txt"), []byte("from-host\n"), 0o644)
 	os.WriteFile(filepath.Join(rovol, "ro.txt"), []byte("read-only-data\n"), 0o644)
-	b := bundle(t, "sh", "-c", `cat /vol/in.txt /rovol/ro.txt; echo from-guest > /vol/out.txt && mkdir /vol/sub && echo wrote; (echo x > /rovol/y) 2>/dev/null || echo ro-refused`)
+	b := bundle(t, "sh", "-c", `cat /vol/in.txt /rovol/ro.txt /vol-again/in.txt; echo from-guest > /vol/out.txt && mkdir /vol/sub && echo wrote; (echo x > /rovol/y) 2>/dev/null || echo ro-refused`)
 	addMounts(t, b,
 		map[string]any{"destination": "/vol", "type": "bind", "source": vol, "options": []string{"rbind", "rw"}},
 		map[string]any{"destination": "/rovol", "type": "bind", "source": rovol, "options": []string{"rbind", "ro"}},
+		// The same directory twice (one share, mounted once in the guest).
+		map[string]any{"destination": "/vol-again", "type": "bind", "source": vol, "options": []string{"rbind", "rshared"}},
 	)
 	r := e.run("", "run", "--bundle", b, "vols")
 	if r.code != 0 {
 		t.Fatalf("run: exit %d: %s %s", r.code, r.stdout, r.stderr)
+	}
+	if strings.Count(r.stdout, "from-host") != 2 {
+		t.Errorf("one directory at two destinations:\n%s", r.stdout)
 	}
 	for _, want := range []string{"from-host", "read-only-data", "wrote", "ro-refused"} {
 		if !strings.Contains(r.stdout, want) {

@@ -91,15 +91,26 @@ func applyMount(rootfd int, filesDir string, i int, m proto.Mount, warn func(str
 	var err error
 	switch {
 	case m.Tag != "":
-		if fd, err = mkdirAllIn(rootfd, m.Destination); err != nil {
-			return err
-		}
-		defer unix.Close(fd)
+		// A share's channel can be mounted once: mount it at a staging
+		// directory and bind that, so one host directory can appear at
+		// several destinations with their own flags.
 		typ := "" // whichever the kernel has
 		if m.Type == "9p" || m.Type == "virtiofs" {
 			typ = m.Type
 		}
-		err = mountShare(m.Tag, typ, fdPath(fd), o.flags&^(unix.MS_BIND|unix.MS_REC))
+		src, serr := stagedShare(filesDir, m.Tag, typ)
+		if serr != nil {
+			return serr
+		}
+		if fd, err = mkdirAllIn(rootfd, m.Destination); err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		if err = unix.Mount(src, fdPath(fd), "", unix.MS_BIND|unix.MS_REC, ""); err == nil {
+			if rest := o.flags &^ (unix.MS_BIND | unix.MS_REC | unix.MS_REMOUNT); rest != 0 {
+				err = remountBind(rootfd, m.Destination, rest)
+			}
+		}
 	case bind:
 		// A host file, sent as Data (an empty file arrives without Data: the
 		// JSON field is omitted when empty).
@@ -155,6 +166,23 @@ func applyMount(rootfd int, filesDir string, i int, m proto.Mount, warn func(str
 		}
 	}
 	return nil
+}
+
+// stagedShare mounts the share tag at dir/share-<tag> unless it is mounted
+// there already, and returns that path.
+func stagedShare(dir, tag, typ string) (string, error) {
+	staging := filepath.Join(dir, "share-"+tag)
+	if err := os.MkdirAll(staging, 0o700); err != nil {
+		return "", fmt.Errorf("shared directory %q: %w", tag, err)
+	}
+	var parent, st unix.Stat_t
+	if unix.Stat(dir, &parent) == nil && unix.Stat(staging, &st) == nil && st.Dev != parent.Dev {
+		return staging, nil // mounted by an earlier destination
+	}
+	if err := mountShare(tag, typ, staging, 0); err != nil {
+		return "", err
+	}
+	return staging, nil
 }
 
 // remountBind applies flags to the bind mount at dest. The path is opened

@@ -219,6 +219,12 @@ func (c *container) teardown() error {
 			}
 		}
 	}
+	// Staging directories of shares (empty once unmounted; os.Remove
+	// never deletes into a share that is still mounted).
+	staged, _ := filepath.Glob(filepath.Join(c.dir, "files", "share-*"))
+	for _, d := range staged {
+		_ = os.Remove(d)
+	}
 	for _, d := range []string{"root", "lower", "upper", "files", ""} {
 		_ = os.Remove(filepath.Join(c.dir, d))
 	}
