@@ -20,10 +20,12 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/rund-dev/rund/hack/bench/benchutil"
@@ -105,13 +107,16 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench-kernel:", err)
 		os.Exit(2)
 	}
-	if err := run(o); err != nil {
+	// Interrupted, it still deletes what it started.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, o); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-kernel:", err)
 		os.Exit(1)
 	}
 }
 
-func run(o options) error {
+func run(ctx context.Context, o options) error {
 	host, _ := os.Hostname()
 	rep := report{Date: time.Now().UTC().Format(time.RFC3339), Host: host, Load: benchutil.LoadAvg(),
 		Command: strings.Join(os.Args, " ")}
@@ -134,7 +139,7 @@ func run(o options) error {
 	var errs []error
 	for _, k := range o.kernels {
 		f := &flavour{o: o, kernel: k, dir: filepath.Join(top, k), bundles: bundles}
-		res, err := f.measure(context.Background())
+		res, err := f.measure(ctx)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", k, err))
 		}
@@ -205,7 +210,7 @@ func (f *flavour) measure(ctx context.Context) (res flavourResult, err error) {
 	if err := os.MkdirAll(f.dir, 0o755); err != nil {
 		return res, err
 	}
-	defer f.cleanup(ctx)
+	defer f.cleanup()
 	out, _, err := f.rund(ctx, "on", "check")
 	if err != nil {
 		return res, err
@@ -290,7 +295,7 @@ func (f *flavour) idle(ctx context.Context, n int) (idleResult, error) {
 	var ids []string
 	defer func() {
 		for _, id := range ids {
-			f.rund(ctx, "on", "delete", "--force", id)
+			f.rund(context.Background(), "on", "delete", "--force", id)
 		}
 	}()
 	var starts []float64
@@ -373,7 +378,8 @@ func (f *flavour) pids(id string) (shim, vmm int, err error) {
 }
 
 // cleanup deletes whatever is left and checks that nothing is.
-func (f *flavour) cleanup(ctx context.Context) {
+func (f *flavour) cleanup() {
+	ctx := context.Background()
 	out, _, _ := f.rund(ctx, "on", "list", "-q")
 	for _, id := range strings.Fields(string(out)) {
 		f.rund(ctx, "on", "delete", "--force", id)
