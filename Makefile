@@ -29,7 +29,7 @@ $(BIN)/rund: $(shell find . -name '*.go' -not -path './bin/*') go.mod go.sum
 # once per machine, cached under /var/cache/rund/kernel), the default, and
 # Debian's cloud kernel (fetched with apt-get download, with its modules).
 kernel: $(GUEST)/rund/vmlinuz
-$(GUEST)/rund/vmlinuz: hack/kernel/build.sh hack/kernel/rund.config
+$(GUEST)/rund/vmlinuz: hack/kernel/build.sh hack/kernel/rund.config $(wildcard /usr/src/linux-source-6.1.tar.xz)
 	hack/kernel/build.sh $(GUEST)/rund
 
 cloud-kernel: $(GUEST)/cloud/vmlinuz

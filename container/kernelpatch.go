@@ -46,20 +46,24 @@ func KernelPatchReport(ctx context.Context, o Options, id string) ([]kernelpatch
 	if err != nil {
 		return nil, fmt.Errorf("kernelpatch %s: %w", id, err)
 	}
-	m, err := kernelpatch.FindMapping(st.VMM.Pid, tpl.MemPath)
+	maps, err := kernelpatch.FindMappings(st.VMM.Pid, tpl.MemPath)
 	if err != nil {
 		return nil, fmt.Errorf("kernelpatch %s: %w", id, err)
-	}
-	if !m.Private {
-		return nil, fmt.Errorf("kernelpatch %s: the VMM maps %s shared, not copy-on-write", id, tpl.MemPath)
 	}
 	layout := kernelpatch.Q35(uint64(tpl.MemSize))
 	if st.Hypervisor == "cloud-hypervisor" {
 		layout = kernelpatch.CloudHypervisor
 	}
-	rows, err := kernelpatch.Measure(st.VMM.Pid, m, layout, ranges)
-	if err != nil {
-		return nil, fmt.Errorf("kernelpatch %s: %w", id, err)
+	var rows []kernelpatch.Row
+	for _, m := range maps {
+		if !m.Private {
+			return nil, fmt.Errorf("kernelpatch %s: the VMM maps %s shared, not copy-on-write", id, tpl.MemPath)
+		}
+		r, err := kernelpatch.Measure(st.VMM.Pid, m, layout, ranges)
+		if err != nil {
+			return nil, fmt.Errorf("kernelpatch %s: %w", id, err)
+		}
+		rows = kernelpatch.Add(rows, r)
 	}
 	return rows, nil
 }

@@ -46,9 +46,14 @@ func newShareSet(max int, hypervisor string) *shareSet {
 }
 
 func (s *shareSet) add(dir string, readonly bool) (string, string, error) {
+	// The canonical path: QEMU opens it later, and one directory reached
+	// through a symlink is still one share.
 	abs, err := filepath.Abs(dir)
+	if err == nil {
+		abs, err = filepath.EvalSymlinks(abs)
+	}
 	if err != nil {
-		return "", "", err
+		return "", "", fmt.Errorf("shared directory: %w", err)
 	}
 	fi, err := os.Stat(abs)
 	if err != nil {
@@ -61,6 +66,9 @@ func (s *shareSet) add(dir string, readonly bool) (string, string, error) {
 		if sh.Path == abs && sh.ReadOnly == readonly {
 			return sh.Tag, s.fsType, nil
 		}
+	}
+	if readonly && s.fsType == "virtiofs" {
+		return "", "", fmt.Errorf("sharing %s read-only: Cloud Hypervisor's virtio-fs shares are read-write only (use qemu for read-only volumes)", abs)
 	}
 	if len(s.list) >= s.max {
 		return "", "", fmt.Errorf("sharing %s: the sandbox already shares %d host directories, the most the config allows (shares = %d)", abs, len(s.list), s.max)

@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 
 	"github.com/rund-dev/rund/vm/agent/proto"
 )
@@ -109,9 +110,9 @@ func toProcess(p *specs.Process) proto.Process {
 
 // toCreateRequest converts the spec into what the agent needs, reading host
 // files that are bind-mounted into the container and sharing host
-// directories through share. warn receives what cannot be honoured inside a
-// VM.
-func toCreateRequest(id string, s *specs.Spec, share shareFunc, warn func(string, ...any)) (proto.CreateRequest, error) {
+// directories through share. Relative bind sources are relative to the
+// bundle, as with runc. warn receives what cannot be honoured inside a VM.
+func toCreateRequest(id, bundle string, s *specs.Spec, share shareFunc, warn func(string, ...any)) (proto.CreateRequest, error) {
 	req := proto.CreateRequest{
 		ID:       id,
 		Hostname: s.Hostname,
@@ -126,30 +127,58 @@ func toCreateRequest(id string, s *specs.Spec, share shareFunc, warn func(string
 	for _, m := range s.Mounts {
 		pm := proto.Mount{Destination: m.Destination, Type: m.Type, Source: m.Source, Options: m.Options}
 		if isBind(m) {
-			data, ok, err := bindFileData(m.Source)
+			src := m.Source
+			if !filepath.IsAbs(src) {
+				src = filepath.Join(bundle, src)
+			}
+			fi, err := os.Stat(src)
 			if err != nil {
-				return req, fmt.Errorf("bind mount %s -> %s: %w", m.Source, m.Destination, err)
+				return req, fmt.Errorf("bind mount %s -> %s: source: %w", m.Source, m.Destination, err)
 			}
 			switch {
-			case !ok && path.Clean(m.Destination) == "/dev/shm":
+			case fi.Mode().IsRegular():
+				data, err := bindFileData(src, fi)
+				if err != nil {
+					return req, fmt.Errorf("bind mount %s -> %s: %w", m.Source, m.Destination, err)
+				}
+				pm.Data, pm.Type = data, "bind"
+			case fi.IsDir() && path.Clean(m.Destination) == "/dev/shm":
 				// Shared memory never crosses the VM boundary: the
-				// guest's own tmpfs (podman binds a host shm directory).
+				// guest's own tmpfs (podman binds a host shm directory,
+				// whose size is the container's --shm-size).
 				pm = proto.Mount{Destination: m.Destination, Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "nodev", "noexec", "mode=1777"}}
-			case !ok:
+				var st unix.Statfs_t
+				if unix.Statfs(src, &st) == nil && st.Type == unix.TMPFS_MAGIC {
+					pm.Options = append(pm.Options, fmt.Sprintf("size=%d", st.Blocks*uint64(st.Bsize)))
+				}
+			case fi.IsDir():
 				// A host directory: shared with the guest over 9p.
-				tag, fsType, err := share(m.Source, hasOption(m.Options, "ro"))
+				tag, fsType, err := share(src, hasOption(m.Options, "ro"))
 				if err != nil {
 					return req, fmt.Errorf("bind mount %s -> %s: %w", m.Source, m.Destination, err)
 				}
 				pm.Type, pm.Source, pm.Tag = fsType, "", tag
 			default:
-				pm.Data = data
-				pm.Type = "bind"
+				warn("bind mount of %s at %s: a %s cannot cross the VM boundary; skipped", m.Source, m.Destination, fileKind(fi.Mode()))
+				continue
 			}
 		}
 		req.Mounts = append(req.Mounts, pm)
 	}
 	return req, nil
+}
+
+// fileKind names what a non-regular, non-directory file is.
+func fileKind(m fs.FileMode) string {
+	switch {
+	case m&fs.ModeSocket != 0:
+		return "socket"
+	case m&fs.ModeNamedPipe != 0:
+		return "FIFO"
+	case m&fs.ModeDevice != 0:
+		return "device"
+	}
+	return "special file"
 }
 
 func hasOption(opts []string, want string) bool {
@@ -168,30 +197,20 @@ func isBind(m specs.Mount) bool {
 	return false
 }
 
-// bindFileData returns the content of a regular host file; ok is false for a
-// directory (or anything that is not a small regular file).
-func bindFileData(src string) ([]byte, bool, error) {
-	fi, err := os.Stat(src)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, false, fmt.Errorf("source: %w", err)
-	}
-	if err != nil {
-		return nil, false, err
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, false, nil
-	}
+// bindFileData returns the content of the regular host file src (fi is
+// its stat).
+func bindFileData(src string, fi fs.FileInfo) ([]byte, error) {
 	if fi.Size() > maxBindFile {
-		return nil, false, fmt.Errorf("file of %d bytes is larger than %d", fi.Size(), maxBindFile)
+		return nil, fmt.Errorf("file of %d bytes is larger than %d", fi.Size(), maxBindFile)
 	}
 	b, err := os.ReadFile(src)
 	if err != nil {
-		return nil, false, err
+		return nil, err
 	}
 	if b == nil {
 		b = []byte{}
 	}
-	return b, true, nil
+	return b, nil
 }
 
 // knownCapabilities are the Linux capability names (runtime-spec:

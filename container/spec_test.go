@@ -1,6 +1,8 @@
 package container
 
 import (
+	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -81,7 +83,7 @@ func TestHostDirectoriesShared(t *testing.T) {
 		},
 	}
 	shares := newShareSet(4, "qemu")
-	req, err := toCreateRequest("c", s, shares.add, t.Logf)
+	req, err := toCreateRequest("c", "/bundle", s, shares.add, t.Logf)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,12 +112,12 @@ func TestHostDirectoriesShared(t *testing.T) {
 
 	// More directories than the config allows: a clear error.
 	one := newShareSet(1, "qemu")
-	if _, err := toCreateRequest("c", s, one.add, t.Logf); err == nil || !strings.Contains(err.Error(), "shares = 1") {
+	if _, err := toCreateRequest("c", "/bundle", s, one.add, t.Logf); err == nil || !strings.Contains(err.Error(), "shares = 1") {
 		t.Errorf("two directories with shares = 1: %v", err)
 	}
 	// A missing source names the problem.
 	s.Mounts = []specs.Mount{{Destination: "/x", Type: "bind", Source: "/nonexistent/dir"}}
-	if _, err := toCreateRequest("c", s, shares.add, t.Logf); err == nil || !strings.Contains(err.Error(), "/nonexistent/dir") {
+	if _, err := toCreateRequest("c", "/bundle", s, shares.add, t.Logf); err == nil || !strings.Contains(err.Error(), "/nonexistent/dir") {
 		t.Errorf("missing source: %v", err)
 	}
 	// Cloud Hypervisor shares with virtio-fs.
@@ -131,5 +133,40 @@ func TestShareClass(t *testing.T) {
 		if got := shareClass(c.n, c.max); got != c.want {
 			t.Errorf("shareClass(%d, %d) = %d, want %d", c.n, c.max, got, c.want)
 		}
+	}
+}
+
+func TestBindSourceKinds(t *testing.T) {
+	bundle := t.TempDir()
+	os.Mkdir(filepath.Join(bundle, "data"), 0o755)
+	sock := filepath.Join(t.TempDir(), "s")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	s := &specs.Spec{
+		Process: &specs.Process{Args: []string{"true"}},
+		Root:    &specs.Root{Path: "rootfs"},
+		Mounts: []specs.Mount{
+			{Destination: "/data", Type: "bind", Source: "data", Options: []string{"rbind"}},
+			{Destination: "/run/s", Type: "bind", Source: sock, Options: []string{"bind"}},
+		},
+	}
+	shares := newShareSet(4, "qemu")
+	var warned []string
+	req, err := toCreateRequest("c", bundle, s, shares.add, func(f string, a ...any) { warned = append(warned, fmt.Sprintf(f, a...)) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(shares.list) != 1 || shares.list[0].Path != filepath.Join(bundle, "data") {
+		t.Errorf("relative source not resolved against the bundle: %+v", shares.list)
+	}
+	if len(req.Mounts) != 1 || len(warned) != 1 || !strings.Contains(warned[0], "socket") {
+		t.Errorf("socket bind: mounts %+v, warnings %q", req.Mounts, warned)
+	}
+	// Cloud Hypervisor cannot share read-only.
+	if _, _, err := newShareSet(1, "cloud-hypervisor").add(bundle, true); err == nil {
+		t.Error("read-only virtio-fs share accepted")
 	}
 }

@@ -4,6 +4,7 @@ package integration
 
 import (
 	"encoding/json"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -148,4 +149,57 @@ func writeSpecAnnotation(t *testing.T, dir, key, value string) {
 		a[key] = value
 		s["annotations"] = a
 	})
+}
+
+// TestBindSources: a relative bind source is relative to the bundle; a
+// socket cannot cross the VM and is skipped with a warning, not an error;
+// a container with CAP_MKNOD cannot plant a device node in a volume (QEMU,
+// which serves the share, runs without CAP_MKNOD).
+func TestBindSources(t *testing.T) {
+	e := newEnv(t)
+	b := bundle(t, "sh", "-c", `cat /rel/f; (mknod /rel/disk b 8 0) 2>/dev/null && echo MKNOD-OK || echo mknod-refused; mkfifo /rel/fifo && echo fifo-ok`)
+	rel := filepath.Join(b, "reldir")
+	os.Mkdir(rel, 0o755)
+	os.WriteFile(filepath.Join(rel, "f"), []byte("relative-source\n"), 0o644)
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	addMounts(t, b,
+		map[string]any{"destination": "/rel", "type": "bind", "source": "reldir", "options": []string{"rbind"}},
+		map[string]any{"destination": "/run/s.sock", "type": "bind", "source": sock, "options": []string{"bind"}},
+	)
+	editSpec(t, b, func(s map[string]any) {
+		p := s["process"].(map[string]any)
+		caps, _ := p["capabilities"].(map[string]any)
+		if caps == nil {
+			caps = map[string]any{}
+			p["capabilities"] = caps
+		}
+		for _, set := range []string{"bounding", "effective", "permitted"} {
+			have, _ := caps[set].([]any)
+			caps[set] = append(have, "CAP_MKNOD")
+		}
+	})
+	r := e.run("", "run", "--bundle", b, "binds")
+	if r.code != 0 {
+		t.Fatalf("run: exit %d: %s %s", r.code, r.stdout, r.stderr)
+	}
+	if !strings.Contains(r.stdout, "relative-source") {
+		t.Errorf("relative bind source: %q", r.stdout)
+	}
+	if !strings.Contains(r.stdout, "mknod-refused") || strings.Contains(r.stdout, "MKNOD-OK") {
+		t.Errorf("mknod of a block device in a volume: %q", r.stdout)
+	}
+	if fi, err := os.Lstat(filepath.Join(rel, "disk")); err == nil {
+		t.Errorf("a device node reached the host: %v", fi.Mode())
+	}
+	if !strings.Contains(r.stdout, "fifo-ok") {
+		t.Errorf("mkfifo in a volume: %q", r.stdout)
+	}
+	if !strings.Contains(r.stderr, "socket cannot cross the VM boundary") {
+		t.Errorf("no warning for the socket bind: %q", r.stderr)
+	}
 }

@@ -16,6 +16,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 )
@@ -95,15 +96,19 @@ type Mapping struct {
 	Private            bool
 }
 
-// FindMapping finds the mapping of path in process pid's address space
-// (the largest, if the file is mapped more than once).
-func FindMapping(pid int, path string) (Mapping, error) {
+// FindMappings finds the mappings of the file at path (by its canonical
+// name) in process pid's address space: a guest's RAM file may be mapped in
+// several pieces (RAM below and above a hole).
+func FindMappings(pid int, path string) ([]Mapping, error) {
+	if p, err := filepath.EvalSymlinks(path); err == nil {
+		path = p
+	}
 	f, err := os.Open(fmt.Sprintf("/proc/%d/maps", pid))
 	if err != nil {
-		return Mapping{}, fmt.Errorf("reading the VMM's mappings: %w", err)
+		return nil, fmt.Errorf("reading the VMM's mappings: %w", err)
 	}
 	defer f.Close()
-	var best Mapping
+	var out []Mapping
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -119,17 +124,15 @@ func FindMapping(pid int, path string) (Mapping, error) {
 		if err1 != nil || err2 != nil || err3 != nil {
 			continue
 		}
-		if end-start > best.End-best.Start {
-			best = Mapping{Start: start, End: end, Offset: off, Path: path, Private: strings.HasSuffix(fs[1], "p")}
-		}
+		out = append(out, Mapping{Start: start, End: end, Offset: off, Path: path, Private: strings.HasSuffix(fs[1], "p")})
 	}
 	if err := sc.Err(); err != nil {
-		return Mapping{}, fmt.Errorf("reading the VMM's mappings: %w", err)
+		return nil, fmt.Errorf("reading the VMM's mappings: %w", err)
 	}
-	if best.End == 0 {
-		return Mapping{}, fmt.Errorf("process %d does not map %s", pid, path)
+	if len(out) == 0 {
+		return nil, fmt.Errorf("process %d does not map %s", pid, path)
 	}
-	return best, nil
+	return out, nil
 }
 
 // Layout maps an offset in the guest's RAM file to a guest-physical address.
@@ -218,6 +221,19 @@ func Measure(pid int, m Mapping, layout Layout, ranges []Range) ([]Row, error) {
 		addr += n * pageSize
 	}
 	return rows, nil
+}
+
+// Add sums b into a, row by row (both in Regions order).
+func Add(a, b []Row) []Row {
+	if a == nil {
+		return b
+	}
+	for i := range a {
+		a[i].Pages += b[i].Pages
+		a[i].DirtyPages += b[i].DirtyPages
+		a[i].SharedPages += b[i].SharedPages
+	}
+	return a
 }
 
 func regionOf(gpa uint64, ranges []Range) string {

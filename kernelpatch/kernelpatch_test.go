@@ -95,13 +95,14 @@ func TestMeasurePrivateCopies(t *testing.T) {
 	for _, p := range []int{24, 25, 40, 41, 42} { // two data pages, three others
 		mem[p*ps] = 1
 	}
-	m, err := FindMapping(os.Getpid(), path)
+	maps, err := FindMappings(os.Getpid(), path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !m.Private || m.End-m.Start != uint64(pages*ps) {
-		t.Fatalf("mapping %+v", m)
+	if len(maps) != 1 || !maps[0].Private || maps[0].End-maps[0].Start != uint64(pages*ps) {
+		t.Fatalf("mappings %+v", maps)
 	}
+	m := maps[0]
 	rows, err := Measure(os.Getpid(), m, func(off uint64) uint64 { return off }, ranges)
 	if err != nil {
 		t.Fatal(err)
@@ -120,7 +121,7 @@ func TestMeasurePrivateCopies(t *testing.T) {
 			t.Errorf("%s: got pages %d dirty %d shared %d, want %v", r.Region, r.Pages, r.DirtyPages, r.SharedPages, w)
 		}
 	}
-	if _, err := FindMapping(os.Getpid(), path+".absent"); err == nil {
+	if _, err := FindMappings(os.Getpid(), path+".absent"); err == nil {
 		t.Error("FindMapping of an unmapped file succeeded")
 	}
 }

@@ -66,15 +66,11 @@ func (s *shim) vmConfig() (vm.Config, error) {
 		img := cfg.AddFile(os.NewFile(shimapi.ImageFd, "image"))
 		rw := cfg.AddFile(os.NewFile(shimapi.WritableFd, "writable"))
 		lay.attach(&cfg, img, rw)
-		l.Create.Root = lay.root(l.Create.Root.Readonly)
-	} else {
-		// A shared root: the root devices the template carries get
-		// sparse placeholders the guest never mounts.
-		ro, rw, err := rootPlaceholders(s.vmDir, lay)
-		if err != nil {
-			return cfg, err
-		}
-		lay.attach(&cfg, ro, rw)
+		r := lay.root(l.Create.Root.Readonly)
+		// A shared root keeps its tag: the devices are there (the
+		// template has them) but the guest mounts the share instead.
+		r.SharedTag, r.SharedType = l.Create.Root.SharedTag, l.Create.Root.SharedType
+		l.Create.Root = r
 	}
 	empty := filepath.Join(s.vmDir, "empty")
 	if err := os.MkdirAll(empty, 0o555); err != nil {
@@ -82,24 +78,6 @@ func (s *shim) vmConfig() (vm.Config, error) {
 	}
 	lay.attachShares(&cfg, l.Shares, empty)
 	return cfg, nil
-}
-
-// rootPlaceholders makes sparse files in dir of the sizes the layout's root
-// devices have.
-func rootPlaceholders(dir string, lay layout) (ro, rw string, err error) {
-	ro, rw = filepath.Join(dir, "placeholder-ro"), filepath.Join(dir, "placeholder-rw")
-	for _, f := range []struct {
-		path string
-		size int64
-	}{{ro, lay.roSize()}, {rw, max(lay.writableSize, 1<<20)}} {
-		if err := os.WriteFile(f.path, nil, 0o600); err != nil {
-			return "", "", fmt.Errorf("making root placeholder: %w", err)
-		}
-		if err := os.Truncate(f.path, f.size); err != nil {
-			return "", "", fmt.Errorf("making root placeholder: %w", err)
-		}
-	}
-	return ro, rw, nil
 }
 
 // boot starts the sandbox's VM: a clone of its template when templates are

@@ -17,17 +17,21 @@ fi
 srcver=$(dpkg-query -W -f='${Version}' linux-source-6.1)
 key=$(cat "$frag" "$0" | { cat; echo "$srcver"; } | sha256sum | cut -c1-16)
 cache=${RUND_KERNEL_CACHE:-/var/cache/rund/kernel}/$key
+mkdir -p "$(dirname "$cache")"
+# One build per key at a time: a second caller waits and reuses the result.
+exec 9>"$cache.lock"
+flock 9
 if [ ! -f "$cache/bzImage" ]; then
-	mkdir -p "$(dirname "$cache")"
 	work=$(mktemp -d "$cache.build.XXXXXX")
 	trap 'rm -rf "$work"' EXIT
+	trap 'exit 1' INT TERM HUP
 	start=$(date +%s)
-	echo "kernel: building linux-source-6.1 $srcver with hack/kernel/rund.config (about 8 minutes on 2 cores; once per machine)" >&2
+	echo "kernel: building linux-source-6.1 $srcver with hack/kernel/rund.config (about 6-8 minutes on 2 cores; once per machine)" >&2
 	tar -C "$work" -xf "$tarball"
 	src=$(find "$work" -mindepth 1 -maxdepth 1 -type d | head -n 1)
 	mk() { make -C "$src" ARCH=x86_64 -j"$(nproc)" "$@"; }
 	mk -s tinyconfig >/dev/null
-	"$src/scripts/kconfig/merge_config.sh" -m -O "$src" "$src/.config" "$frag" >/dev/null
+	(cd "$work" && "$src/scripts/kconfig/merge_config.sh" -m -O "$src" "$src/.config" "$frag" >/dev/null)
 	mk -s olddefconfig >/dev/null
 	# Missing dependencies drop options silently: every option of the
 	# fragment must have survived.
@@ -54,10 +58,13 @@ if [ ! -f "$cache/bzImage" ]; then
 	mv "$work/out/.config" "$work/out/config"
 	make -s -C "$src" kernelrelease >"$work/out/kernel.release"
 	echo "$(($(date +%s) - start))" >"$work/out/build.seconds"
+	# Under the lock nobody else writes $cache; a leftover without
+	# bzImage (an older, interrupted layout) is replaced.
 	rm -rf "$cache"
 	mv "$work/out" "$cache"
 	echo "kernel: built in $(cat "$cache/build.seconds") s -> $cache" >&2
 fi
+exec 9>&-
 mkdir -p "$out/modules"
 rm -f "$out"/modules/*.ko
 : >"$out/modules/order"

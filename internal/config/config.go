@@ -175,6 +175,13 @@ func GuestDirs() []string {
 // resolveGuest fills Kernel and Initrd that the file left empty with the
 // flavour's files, and settles GuestKernel "auto" on the flavour found.
 func (c *Config) resolveGuest(dirs []string) {
+	if c.Kernel != "" && c.Initrd == "" {
+		// A kernel of one's own: the initramfs beside it belongs to it
+		// (modules and all), where there is one.
+		if p := filepath.Join(filepath.Dir(c.Kernel), "initrd.img"); fileExists(p) {
+			c.Initrd = p
+		}
+	}
 	flavour := c.GuestKernel
 	if flavour == "auto" {
 		flavour = "cloud"
@@ -195,6 +202,11 @@ func (c *Config) resolveGuest(dirs []string) {
 			*f.path = filepath.Join(dirs[0], flavour, f.name)
 		}
 	}
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }
 
 // findGuestFile returns the first existing dir/flavour/name, or "".

@@ -53,6 +53,12 @@ func TestResolveGuest(t *testing.T) {
 	if c := resolve(d); c.Kernel != "/k" || c.Initrd != filepath.Join(installed, "rund", "initrd.img") {
 		t.Errorf("explicit kernel: %q %q", c.Kernel, c.Initrd)
 	}
+	// An explicit kernel with an initramfs beside it gets that one.
+	d = Default()
+	d.Kernel = filepath.Join(beside, "cloud", "vmlinuz")
+	if c := resolve(d); c.Initrd != filepath.Join(beside, "cloud", "initrd.img") {
+		t.Errorf("explicit kernel with its initramfs: %q", c.Initrd)
+	}
 	// A flavour that is nowhere names a path in the first directory.
 	os.RemoveAll(filepath.Join(beside, "cloud"))
 	d = Default()

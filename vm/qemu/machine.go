@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -224,19 +225,46 @@ var thpMu sync.Mutex
 // nothing else here for that instant.
 func startNoTHP(cmd *exec.Cmd, noTHP bool) error {
 	if !noTHP {
-		return cmd.Start()
+		return startWithoutMknod(cmd)
 	}
 	thpMu.Lock()
 	defer thpMu.Unlock()
 	was, err := unix.PrctlRetInt(unix.PR_GET_THP_DISABLE, 0, 0, 0, 0)
 	if err != nil || was != 0 {
-		return cmd.Start()
+		return startWithoutMknod(cmd)
 	}
 	if err := unix.Prctl(unix.PR_SET_THP_DISABLE, 1, 0, 0, 0); err != nil {
-		return cmd.Start()
+		return startWithoutMknod(cmd)
 	}
 	defer unix.Prctl(unix.PR_SET_THP_DISABLE, 0, 0, 0, 0)
-	return cmd.Start()
+	return startWithoutMknod(cmd)
+}
+
+// dropMknod, when set, starts QEMU without CAP_MKNOD (see
+// startWithoutMknod).
+var dropMknod = true
+
+// startWithoutMknod starts cmd without CAP_MKNOD in its capability bounding
+// set, so that QEMU, running as root, can never create a device node: a
+// guest asking its 9p server to mknod a block device in a shared host
+// directory gets EPERM instead of a node on the host. (runc's device cgroup
+// refuses such a mknod the same way.) The bounding set is per thread and
+// inherited by a child, so it is dropped on a locked thread that forks
+// QEMU and is then discarded (a goroutine that exits locked takes its
+// thread with it). Without CAP_SETPCAP (not root) it starts cmd as is.
+func startWithoutMknod(cmd *exec.Cmd) error {
+	if !dropMknod {
+		return cmd.Start()
+	}
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if err := unix.Prctl(unix.PR_CAPBSET_DROP, unix.CAP_MKNOD, 0, 0, 0); err != nil {
+			runtime.UnlockOSThread() // unchanged: the thread can stay
+		}
+		done <- cmd.Start()
+	}()
+	return <-done
 }
 
 // reap waits for QEMU and records how it ended.

@@ -375,10 +375,15 @@ func isContainerProcess(pid int) bool {
 // gone.
 func (a *agent) killAll(timeout time.Duration) {
 	a.zygotes.close()
-	_ = signalAll(unix.SIGKILL)
 	deadline := time.Now().Add(timeout)
 	all := func(int) bool { return true }
-	for len(userPids(all)) > 0 && time.Now().Before(deadline) {
+	for {
+		// Again each round: a helper being started in the background
+		// when the first signal went out is killed by a later one.
+		_ = signalAll(unix.SIGKILL)
+		if len(userPids(all)) == 0 || time.Now().After(deadline) {
+			return
+		}
 		time.Sleep(2 * time.Millisecond)
 	}
 }

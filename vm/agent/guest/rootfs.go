@@ -322,7 +322,9 @@ func mountShare(tag, typ, target string, flags uintptr) error {
 	}
 	data := ""
 	if typ == "9p" {
-		data = "trans=virtio,version=9p2000.L,msize=262144"
+		// cache=mmap: still write-through, but shared writable mmap
+		// works (databases' shared-memory files on volumes).
+		data = "trans=virtio,version=9p2000.L,msize=262144,cache=mmap"
 	}
 	if err := unix.Mount(tag, target, typ, flags, data); err != nil {
 		return fmt.Errorf("mounting shared directory %q (%s) on %s: %w", tag, typ, target, err)
