@@ -1,6 +1,7 @@
 // Package benchutil holds what rund's benchmark programs share: writing the
 // JSON result, reading the load average, removing a test cgroup parent,
-// making busybox bundles.
+// making busybox bundles, reading meminfo-style files, PSS and a sandbox's
+// pids.
 package benchutil
 
 import (
@@ -10,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 )
 
@@ -115,4 +117,75 @@ func Bundle(rund, dir, rootfs string, annotations map[string]string, args ...str
 		return err
 	}
 	return os.WriteFile(cfg, out, 0o644)
+}
+
+// ParseMeminfo reads "Key:   123 kB" lines (/proc/meminfo, smaps_rollup)
+// into MiB by key; a value without "kB" is kept as is.
+func ParseMeminfo(s string) map[string]float64 {
+	m := map[string]float64{}
+	for _, line := range strings.Split(s, "\n") {
+		k, rest, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		f := strings.Fields(rest)
+		if len(f) == 0 {
+			continue
+		}
+		v, err := strconv.ParseFloat(f[0], 64)
+		if err != nil {
+			continue
+		}
+		if len(f) > 1 && f[1] == "kB" {
+			v /= 1024
+		}
+		m[strings.TrimSpace(k)] = v
+	}
+	return m
+}
+
+// MeminfoFileMiB reads key from a meminfo-style file, in MiB (0 if absent).
+func MeminfoFileMiB(path, key string) float64 {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	return ParseMeminfo(string(b))[key]
+}
+
+// PssMiB is a process's PSS from /proc/PID/smaps_rollup.
+func PssMiB(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	if err != nil {
+		return 0, err
+	}
+	v, ok := ParseMeminfo(string(b))["Pss"]
+	if !ok {
+		return 0, fmt.Errorf("pid %d: no Pss in smaps_rollup", pid)
+	}
+	return v, nil
+}
+
+// SandboxPids reads the shim's and the VMM's pids from rund's own state of
+// container id under the state root.
+func SandboxPids(root, id string) (shim, vmm int, err error) {
+	b, err := os.ReadFile(filepath.Join(root, id, "state.json"))
+	if err != nil {
+		return 0, 0, err
+	}
+	var st struct {
+		Shim struct {
+			Pid int `json:"pid"`
+		} `json:"shim"`
+		VMM struct {
+			Pid int `json:"pid"`
+		} `json:"vmm"`
+	}
+	if err := json.Unmarshal(b, &st); err != nil {
+		return 0, 0, fmt.Errorf("%s state.json: %w", id, err)
+	}
+	if st.VMM.Pid <= 0 {
+		return 0, 0, fmt.Errorf("%s state.json: no vmm.pid", id)
+	}
+	return st.Shim.Pid, st.VMM.Pid, nil
 }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"fmt"
 	"os"
 	"os/exec"
@@ -60,52 +59,6 @@ func evict(path string) error {
 		return err
 	}
 	return unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
-}
-
-// pssMiB is a process's PSS from /proc/PID/smaps_rollup.
-func pssMiB(pid int) (float64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
-	if err != nil {
-		return 0, err
-	}
-	v, ok := parseMeminfo(string(b))["Pss"]
-	if !ok {
-		return 0, fmt.Errorf("pid %d: no Pss in smaps_rollup", pid)
-	}
-	return v, nil
-}
-
-// parseMeminfo reads "Key:   123 kB" lines into MiB by key.
-func parseMeminfo(s string) map[string]float64 {
-	m := map[string]float64{}
-	sc := bufio.NewScanner(strings.NewReader(s))
-	for sc.Scan() {
-		k, rest, ok := strings.Cut(sc.Text(), ":")
-		if !ok {
-			continue
-		}
-		f := strings.Fields(rest)
-		if len(f) == 0 {
-			continue
-		}
-		v, err := strconv.ParseFloat(f[0], 64)
-		if err != nil {
-			continue
-		}
-		if len(f) > 1 && f[1] == "kB" {
-			v /= 1024
-		}
-		m[strings.TrimSpace(k)] = v
-	}
-	return m
-}
-
-func meminfoFileMiB(path, key string) float64 {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return 0
-	}
-	return parseMeminfo(string(b))[key]
 }
 
 // leftovers lists live processes of this configuration: any naming its root

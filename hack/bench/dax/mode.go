@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -189,24 +188,10 @@ func (m *mode) waitDone(ctx context.Context, ids []string) (map[string]bool, err
 	}
 }
 
-// vmmPid reads <root>/<id>/state.json field vmm.pid.
+// vmmPid reads the VMM's pid from the container's state.
 func (m *mode) vmmPid(id string) (int, error) {
-	b, err := os.ReadFile(filepath.Join(m.root, id, "state.json"))
-	if err != nil {
-		return 0, err
-	}
-	var st struct {
-		VMM struct {
-			Pid int `json:"pid"`
-		} `json:"vmm"`
-	}
-	if err := json.Unmarshal(b, &st); err != nil {
-		return 0, fmt.Errorf("%s state.json: %w", id, err)
-	}
-	if st.VMM.Pid <= 0 {
-		return 0, fmt.Errorf("%s state.json: no vmm.pid", id)
-	}
-	return st.VMM.Pid, nil
+	_, vmm, err := benchutil.SandboxPids(m.root, id)
+	return vmm, err
 }
 
 // measureSandbox fills a sandboxResult: VMM PSS, guest meminfo now, and the
@@ -217,12 +202,12 @@ func (m *mode) measureSandbox(ctx context.Context, id string) (sandboxResult, er
 	pid, err := m.vmmPid(id)
 	if err == nil {
 		r.VMMPid = pid
-		r.PSSMiB, err = pssMiB(pid)
+		r.PSSMiB, err = benchutil.PssMiB(pid)
 	}
 	errs = append(errs, err)
 	out, err := m.execRetry(ctx, &r, id, "cat", "/proc/meminfo")
 	if err == nil {
-		mi := parseMeminfo(out)
+		mi := benchutil.ParseMeminfo(out)
 		r.CachedMiB, r.BuffersMiB = mi["Cached"], mi["Buffers"]
 	}
 	errs = append(errs, err)
@@ -232,7 +217,7 @@ func (m *mode) measureSandbox(ctx context.Context, id string) (sandboxResult, er
 	}{{"/tmp/m0", &r.BeforeMiB}, {"/tmp/m1", &r.AfterMiB}} {
 		out, err := m.execRetry(ctx, &r, id, "cat", f.path)
 		if err == nil {
-			mi := parseMeminfo(out)
+			mi := benchutil.ParseMeminfo(out)
 			*f.v = mi["Cached"] + mi["Buffers"]
 		}
 		errs = append(errs, err)
@@ -333,7 +318,7 @@ func runMode(ctx context.Context, o options, rund, top string, b *bundles, name 
 		res.HostCacheBeforeMiB += now
 	}
 
-	res.MemAvailBeforeMiB = meminfoFileMiB("/proc/meminfo", "MemAvailable")
+	res.MemAvailBeforeMiB = benchutil.MeminfoFileMiB("/proc/meminfo", "MemAvailable")
 	var ids []string
 	var startDur []time.Duration
 	for i := 0; i < o.n && ctx.Err() == nil; i++ {
@@ -357,7 +342,7 @@ func runMode(ctx context.Context, o options, rund, top string, b *bundles, name 
 	}
 	// Let the host settle (the last reads' page cache, QEMU's allocations).
 	time.Sleep(2 * time.Second)
-	res.MemAvailAfterMiB = meminfoFileMiB("/proc/meminfo", "MemAvailable")
+	res.MemAvailAfterMiB = benchutil.MeminfoFileMiB("/proc/meminfo", "MemAvailable")
 	if len(ids) > 0 {
 		res.MemAvailDropPerSandbox = (res.MemAvailBeforeMiB - res.MemAvailAfterMiB) / float64(len(ids))
 	}

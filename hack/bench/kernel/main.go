@@ -258,7 +258,8 @@ func (f *flavour) measure(ctx context.Context) (res flavourResult, err error) {
 	if err != nil {
 		return res, err
 	}
-	res.GuestMemTotalMiB, res.GuestMemAvailMiB = meminfo(string(mi), "MemTotal"), meminfo(string(mi), "MemAvailable")
+	guest := benchutil.ParseMeminfo(string(mi))
+	res.GuestMemTotalMiB, res.GuestMemAvailMiB = guest["MemTotal"], guest["MemAvailable"]
 	if res.AfterExec, err = f.kernelpatch(ctx, id); err != nil {
 		return res, err
 	}
@@ -363,18 +364,7 @@ func (f *flavour) idle(ctx context.Context, n int) (idleResult, error) {
 
 // pids reads the shim's and the VMM's pids from the container's state.
 func (f *flavour) pids(id string) (shim, vmm int, err error) {
-	b, err := os.ReadFile(filepath.Join(f.dir, "state", id, "state.json"))
-	if err != nil {
-		return 0, 0, err
-	}
-	var st struct {
-		Shim struct{ Pid int } `json:"shim"`
-		VMM  struct{ Pid int } `json:"vmm"`
-	}
-	if err := json.Unmarshal(b, &st); err != nil {
-		return 0, 0, fmt.Errorf("state of %s: %w", id, err)
-	}
-	return st.Shim.Pid, st.VMM.Pid, nil
+	return benchutil.SandboxPids(filepath.Join(f.dir, "state"), id)
 }
 
 // cleanup deletes whatever is left and checks that nothing is.
@@ -394,23 +384,8 @@ func (f *flavour) cleanup() {
 
 // pss is a process's proportional set size in MiB (0 if it is gone).
 func pss(pid int) float64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
-	if err != nil {
-		return 0
-	}
-	return meminfo(string(b), "Pss")
-}
-
-// meminfo reads "Key: N kB" from /proc/meminfo-like text, in MiB.
-func meminfo(text, key string) float64 {
-	for _, l := range strings.Split(text, "\n") {
-		f := strings.Fields(l)
-		if len(f) >= 2 && f[0] == key+":" {
-			v, _ := strconv.ParseFloat(f[1], 64)
-			return v / 1024
-		}
-	}
-	return 0
+	v, _ := benchutil.PssMiB(pid)
+	return v
 }
 
 func reduction(rs []flavourResult) map[string]float64 {

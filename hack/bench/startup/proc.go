@@ -13,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/rund-dev/rund/hack/bench/benchutil"
 )
 
 // clockTicks is USER_HZ, the unit of /proc/*/stat and /proc/stat times; it
@@ -251,16 +253,8 @@ func readSmaps(pid int) ([]mapping, error) {
 
 // rollupPss is the process's total PSS in KiB.
 func rollupPss(pid int) (float64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
-	if err != nil {
-		return 0, err
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == "Pss:" {
-			return strconv.ParseFloat(f[1], 64)
-		}
-	}
-	return 0, fmt.Errorf("pid %d: no Pss in smaps_rollup", pid)
+	v, err := benchutil.PssMiB(pid)
+	return v * 1024, err
 }
 
 // classify splits a process's PSS by kind of mapping.
@@ -511,21 +505,7 @@ func countProcs() procCount {
 }
 
 func memAvailableMiB() float64 {
-	return meminfoMiB("MemAvailable:")
-}
-
-func meminfoMiB(key string) float64 {
-	b, err := os.ReadFile("/proc/meminfo")
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == key {
-			v, _ := strconv.ParseFloat(f[1], 64)
-			return v / 1024
-		}
-	}
-	return 0
+	return benchutil.MeminfoFileMiB("/proc/meminfo", "MemAvailable")
 }
 
 // cpuStat is the host's aggregate /proc/stat cpu line, in ticks.
@@ -584,7 +564,7 @@ func hostInfo(o options) hostDesc {
 	h := hostDesc{
 		CPUs:        runtime.NumCPU(),
 		Kernel:      first("uname", "-r"),
-		MemTotalMiB: meminfoMiB("MemTotal:"),
+		MemTotalMiB: benchutil.MeminfoFileMiB("/proc/meminfo", "MemTotal"),
 		RundVersion: strings.TrimPrefix(first(o.rund, "--version"), "rund version "),
 		RuncVersion: strings.TrimPrefix(first(o.runc, "--version"), "runc version "),
 		QEMUVersion: first("qemu-system-x86_64", "--version"),
