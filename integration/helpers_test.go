@@ -16,6 +16,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rund-dev/rund/internal/config"
 )
 
 // rund is the binary under test.
@@ -32,11 +34,8 @@ func rund(t testing.TB) string {
 // default: its streamlined kernel where built, else Debian's cloud kernel.
 func guestFile(t testing.TB, name string) string {
 	t.Helper()
-	dir := filepath.Join(filepath.Dir(rund(t)), "guest")
-	if _, err := os.Stat(filepath.Join(dir, "rund", "vmlinuz")); err == nil {
-		return filepath.Join(dir, "rund", name)
-	}
-	return filepath.Join(dir, "cloud", name)
+	kernel, _, _ := config.Guest([]string{filepath.Join(filepath.Dir(rund(t)), "guest")}, "auto")
+	return filepath.Join(filepath.Dir(kernel), name)
 }
 
 // requires skips the test unless each named capability is present.
@@ -337,6 +336,15 @@ func writeSpec(t *testing.T, dir string, edit func(map[string]any)) {
 	if out, err := exec.Command(rund(t), "spec", "--bundle", dir).CombinedOutput(); err != nil {
 		t.Fatalf("rund spec: %v: %s", err, out)
 	}
+	editSpec(t, dir, func(s map[string]any) {
+		s["root"].(map[string]any)["readonly"] = false
+		edit(s)
+	})
+}
+
+// editSpec rewrites the bundle's config.json through edit.
+func editSpec(t *testing.T, dir string, edit func(map[string]any)) {
+	t.Helper()
 	b, err := os.ReadFile(filepath.Join(dir, "config.json"))
 	if err != nil {
 		t.Fatal(err)
@@ -345,10 +353,12 @@ func writeSpec(t *testing.T, dir string, edit func(map[string]any)) {
 	if err := json.Unmarshal(b, &s); err != nil {
 		t.Fatal(err)
 	}
-	s["root"].(map[string]any)["readonly"] = false
 	edit(s)
-	b, _ = json.MarshalIndent(s, "", "  ")
-	if err := os.WriteFile(filepath.Join(dir, "config.json"), b, 0o644); err != nil {
+	out, err := json.MarshalIndent(s, "", "  ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "config.json"), out, 0o644); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -3,7 +3,6 @@
 package integration
 
 import (
-	"encoding/json"
 	"net"
 	"os"
 	"path/filepath"
@@ -114,27 +113,6 @@ func TestSharedRootfs(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(b2, "rootfs", "root", "nope")); err == nil {
 		t.Error("a write reached a read-only shared root")
-	}
-}
-
-// editSpec rewrites the bundle's config.json through edit.
-func editSpec(t *testing.T, dir string, edit func(map[string]any)) {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join(dir, "config.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var s map[string]any
-	if err := jsonUnmarshal(b, &s); err != nil {
-		t.Fatal(err)
-	}
-	edit(s)
-	out, err := json.MarshalIndent(s, "", "  ")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "config.json"), out, 0o644); err != nil {
-		t.Fatal(err)
 	}
 }
 

@@ -172,6 +172,15 @@ func GuestDirs() []string {
 	return dirs
 }
 
+// Guest returns the kernel and initramfs rund would use for flavour
+// ("auto", "rund" or "cloud") with the guests found in dirs, and the
+// flavour settled on. Tests boot what rund boots through it.
+func Guest(dirs []string, flavour string) (kernel, initrd, settled string) {
+	c := Config{GuestKernel: flavour}
+	c.resolveGuest(dirs)
+	return c.Kernel, c.Initrd, c.GuestKernel
+}
+
 // resolveGuest fills Kernel and Initrd that the file left empty with the
 // flavour's files, and settles GuestKernel "auto" on the flavour found.
 func (c *Config) resolveGuest(dirs []string) {

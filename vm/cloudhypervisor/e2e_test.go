@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/rund-dev/rund/vm"
+
+	"github.com/rund-dev/rund/internal/config"
 )
 
 func e2eConfig(t *testing.T) vm.Config {
@@ -24,12 +26,9 @@ func e2eConfig(t *testing.T) vm.Config {
 	kernel := os.Getenv("RUND_CH_KERNEL")
 	initrd := os.Getenv("RUND_CH_INITRD")
 	if kernel == "" {
-		dir := "../../bin/guest/rund"
-		if _, err := os.Stat(dir + "/vmlinuz"); err != nil {
-			dir = "../../bin/guest/cloud"
-		}
-		kernel, _ = filepath.Abs(dir + "/vmlinuz")
-		initrd, _ = filepath.Abs(dir + "/initrd.img")
+		kernel, initrd, _ = config.Guest([]string{"../../bin/guest"}, "auto")
+		kernel, _ = filepath.Abs(kernel)
+		initrd, _ = filepath.Abs(initrd)
 	}
 	b := New("")
 	if err := b.Check(context.Background(), kernel); err != nil {

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/rund-dev/rund/vm"
+
+	"github.com/rund-dev/rund/internal/config"
 )
 
 // Tests that boot the real guest kernel need root, QEMU, the kernel and its
@@ -76,10 +78,7 @@ func testKernel(t *testing.T) string {
 	}
 	k := os.Getenv("RUND_TEST_KERNEL")
 	if k == "" {
-		k = "../../bin/guest/rund/vmlinuz"
-		if _, err := os.Stat(k); err != nil {
-			k = "../../bin/guest/cloud/vmlinuz"
-		}
+		k, _, _ = config.Guest([]string{"../../bin/guest"}, "auto")
 	}
 	k, err := filepath.Abs(k)
 	if err != nil {

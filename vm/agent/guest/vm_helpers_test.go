@@ -19,6 +19,8 @@ import (
 
 	"github.com/rund-dev/rund/vm/agent/client"
 	"github.com/rund-dev/rund/vm/agent/proto"
+
+	"github.com/rund-dev/rund/internal/config"
 )
 
 // These tests boot the real agent in QEMU (TCG) from an initramfs built
@@ -34,11 +36,8 @@ var kernelDir = func() string {
 	if d := os.Getenv("RUND_TEST_GUEST"); d != "" {
 		return d
 	}
-	d := filepath.Join("..", "..", "..", "bin", "guest", "rund")
-	if _, err := os.Stat(filepath.Join(d, "vmlinuz")); err == nil {
-		return d
-	}
-	return filepath.Join("..", "..", "..", "bin", "guest", "cloud")
+	k, _, _ := config.Guest([]string{filepath.Join("..", "..", "..", "bin", "guest")}, "auto")
+	return filepath.Dir(k)
 }()
 
 // vmEnv is what every VM test shares: built once per test binary.
