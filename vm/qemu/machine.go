@@ -224,19 +224,16 @@ var thpMu sync.Mutex
 // fork and exec, so it is set on this process around the fork; it changes
 // nothing else here for that instant.
 func startNoTHP(cmd *exec.Cmd, noTHP bool) error {
-	if !noTHP {
-		return startWithoutMknod(cmd)
+	if noTHP {
+		thpMu.Lock()
+		defer thpMu.Unlock()
+		// Only when it is not disabled already, and undone after the fork.
+		if was, err := unix.PrctlRetInt(unix.PR_GET_THP_DISABLE, 0, 0, 0, 0); err == nil && was == 0 {
+			if err := unix.Prctl(unix.PR_SET_THP_DISABLE, 1, 0, 0, 0); err == nil {
+				defer unix.Prctl(unix.PR_SET_THP_DISABLE, 0, 0, 0, 0)
+			}
+		}
 	}
-	thpMu.Lock()
-	defer thpMu.Unlock()
-	was, err := unix.PrctlRetInt(unix.PR_GET_THP_DISABLE, 0, 0, 0, 0)
-	if err != nil || was != 0 {
-		return startWithoutMknod(cmd)
-	}
-	if err := unix.Prctl(unix.PR_SET_THP_DISABLE, 1, 0, 0, 0); err != nil {
-		return startWithoutMknod(cmd)
-	}
-	defer unix.Prctl(unix.PR_SET_THP_DISABLE, 0, 0, 0, 0)
 	return startWithoutMknod(cmd)
 }
 
