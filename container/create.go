@@ -138,7 +138,7 @@ func prepare(ctx context.Context, o CreateOptions, spec *specs.Spec, st *State, 
 	default:
 		return nil, nil, nil, fmt.Errorf("annotation %s: unknown hypervisor %q (want qemu or cloud-hypervisor)", AnnotationHypervisor, hv)
 	}
-	shares := newShareSet(cfg.Shares, hv)
+	shares := newShareSet(cfg.Shares, hv, cfg.GuestKernel)
 	req, err := toCreateRequest(o.ID, st.Bundle, spec, shares.add, func(f string, a ...any) { logrus.Warnf(f, a...) })
 	if err != nil {
 		return nil, nil, nil, err
@@ -157,12 +157,6 @@ func prepare(ctx context.Context, o CreateOptions, spec *specs.Spec, st *State, 
 		return nil, nil, nil, err
 	}
 	l.Shares = shares.list
-	if len(l.Shares) > 0 && cfg.GuestKernel == "cloud" {
-		for _, f := range files {
-			f.Close()
-		}
-		return nil, nil, nil, fmt.Errorf("sharing host directories (volumes, rund.rootfs=shared) needs 9p in the guest: Debian's cloud kernel has none; build rund's kernel (make kernel) or set guest_kernel = \"rund\"")
-	}
 	if l.Hypervisor == "qemu" {
 		l.ShareSlots = shareClass(len(l.Shares), cfg.Shares)
 	}

@@ -1,6 +1,7 @@
 package container
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -19,7 +20,9 @@ type shareFunc func(dir string, readonly bool) (tag, fsType string, err error)
 type shareSet struct {
 	max    int
 	fsType string
-	list   []vm.Share
+	// noShares, when set, says why the guest cannot mount a share.
+	noShares string
+	list     []vm.Share
 }
 
 // shareClass is the number of 9p devices a sandbox sharing n directories
@@ -37,8 +40,13 @@ func shareClass(n, max int) int {
 	return min(c, max)
 }
 
-func newShareSet(max int, hypervisor string) *shareSet {
+// newShareSet collects the shares of a sandbox on hypervisor whose guest
+// runs the guestKernel flavour ("rund" or "cloud").
+func newShareSet(max int, hypervisor, guestKernel string) *shareSet {
 	s := &shareSet{max: max, fsType: "9p"}
+	if guestKernel == "cloud" {
+		s.noShares = "sharing host directories (volumes, rund.rootfs=shared) needs 9p in the guest: Debian's cloud kernel has none; build rund's kernel (make kernel) or set guest_kernel = \"rund\""
+	}
 	if hypervisor == "cloud-hypervisor" {
 		s.fsType = "virtiofs"
 	}
@@ -46,6 +54,9 @@ func newShareSet(max int, hypervisor string) *shareSet {
 }
 
 func (s *shareSet) add(dir string, readonly bool) (string, string, error) {
+	if s.noShares != "" {
+		return "", "", errors.New(s.noShares)
+	}
 	// The canonical path: QEMU opens it later, and one directory reached
 	// through a symlink is still one share.
 	abs, err := filepath.Abs(dir)

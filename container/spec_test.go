@@ -82,7 +82,7 @@ func TestHostDirectoriesShared(t *testing.T) {
 			{Destination: "/dev/shm", Type: "bind", Source: t.TempDir(), Options: []string{"bind"}},
 		},
 	}
-	shares := newShareSet(4, "qemu")
+	shares := newShareSet(4, "qemu", "rund")
 	req, err := toCreateRequest("c", "/bundle", s, shares.add, t.Logf)
 	if err != nil {
 		t.Fatal(err)
@@ -111,7 +111,7 @@ func TestHostDirectoriesShared(t *testing.T) {
 	}
 
 	// More directories than the config allows: a clear error.
-	one := newShareSet(1, "qemu")
+	one := newShareSet(1, "qemu", "rund")
 	if _, err := toCreateRequest("c", "/bundle", s, one.add, t.Logf); err == nil || !strings.Contains(err.Error(), "shares = 1") {
 		t.Errorf("two directories with shares = 1: %v", err)
 	}
@@ -121,7 +121,7 @@ func TestHostDirectoriesShared(t *testing.T) {
 		t.Errorf("missing source: %v", err)
 	}
 	// Cloud Hypervisor shares with virtio-fs.
-	if tag, typ, err := newShareSet(1, "cloud-hypervisor").add(vol, false); err != nil || tag != "rund0" || typ != "virtiofs" {
+	if tag, typ, err := newShareSet(1, "cloud-hypervisor", "rund").add(vol, false); err != nil || tag != "rund0" || typ != "virtiofs" {
 		t.Errorf("cloud-hypervisor share: %q %q %v", tag, typ, err)
 	}
 }
@@ -153,7 +153,7 @@ func TestBindSourceKinds(t *testing.T) {
 			{Destination: "/run/s", Type: "bind", Source: sock, Options: []string{"bind"}},
 		},
 	}
-	shares := newShareSet(4, "qemu")
+	shares := newShareSet(4, "qemu", "rund")
 	var warned []string
 	req, err := toCreateRequest("c", bundle, s, shares.add, func(f string, a ...any) { warned = append(warned, fmt.Sprintf(f, a...)) })
 	if err != nil {
@@ -165,8 +165,12 @@ func TestBindSourceKinds(t *testing.T) {
 	if len(req.Mounts) != 1 || len(warned) != 1 || !strings.Contains(warned[0], "socket") {
 		t.Errorf("socket bind: mounts %+v, warnings %q", req.Mounts, warned)
 	}
+	// Debian's cloud kernel has no 9p: refused, naming it.
+	if _, _, err := newShareSet(4, "qemu", "cloud").add(bundle, false); err == nil || !strings.Contains(err.Error(), "cloud kernel") {
+		t.Errorf("share on the cloud kernel: %v", err)
+	}
 	// Cloud Hypervisor cannot share read-only.
-	if _, _, err := newShareSet(1, "cloud-hypervisor").add(bundle, true); err == nil {
+	if _, _, err := newShareSet(1, "cloud-hypervisor", "rund").add(bundle, true); err == nil {
 		t.Error("read-only virtio-fs share accepted")
 	}
 }
