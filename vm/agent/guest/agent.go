@@ -102,16 +102,7 @@ func (a *agent) dispatch(f proto.Frame) {
 			a.replyErr(f, err)
 			return
 		}
-		p, err := a.register(f.Stream, req.Process)
-		if err != nil {
-			a.replyErr(f, err)
-			return
-		}
-		go func() {
-			r, err := a.create(req, p)
-			a.replyAndLog(f, r, err)
-			a.zygotes.refill(a.logf)
-		}()
+		a.startProcess(f, req.Process, func(p *process) (proto.Reply, error) { return a.create(req, p) })
 	case proto.KindStart:
 		go func() { r, err := a.start(f.Stream); a.replyAndLog(f, r, err) }()
 	case proto.KindExec:
@@ -120,16 +111,7 @@ func (a *agent) dispatch(f proto.Frame) {
 			a.replyErr(f, err)
 			return
 		}
-		p, err := a.register(f.Stream, req.Process)
-		if err != nil {
-			a.replyErr(f, err)
-			return
-		}
-		go func() {
-			r, err := a.exec(p)
-			a.replyAndLog(f, r, err)
-			a.zygotes.refill(a.logf)
-		}()
+		a.startProcess(f, req.Process, a.exec)
 	case proto.KindWarmup:
 		var req proto.WarmupRequest
 		if err := f.Decode(&req); err != nil {
@@ -159,6 +141,22 @@ func (a *agent) dispatch(f proto.Frame) {
 	default:
 		a.replyErr(f, fmt.Errorf("unknown frame kind %s", f.Kind))
 	}
+}
+
+// startProcess registers the process of f's stream and runs run (create or
+// exec) for it in the background, replying with its result; the helper it
+// used is then replaced.
+func (a *agent) startProcess(f proto.Frame, spec proto.Process, run func(*process) (proto.Reply, error)) {
+	p, err := a.register(f.Stream, spec)
+	if err != nil {
+		a.replyErr(f, err)
+		return
+	}
+	go func() {
+		r, err := run(p)
+		a.replyAndLog(f, r, err)
+		a.zygotes.refill(a.logf)
+	}()
 }
 
 // decodeThen decodes f's payload into v, runs fn and replies with its result.
