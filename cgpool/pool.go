@@ -395,6 +395,17 @@ func (p *Pool) servesFields(m fieldMask) error {
 	return nil
 }
 
+// shapeProbes is how many idle slots an Acquire compares with the limits
+// it asks for, looking for one it need not write to.
+const shapeProbes = 32
+
+// fits reports whether the idle slot s already holds the fields mask at
+// vals, so that taking it writes nothing.
+func fits(s slot, mask fieldMask, vals values) bool {
+	reset, apply := plan(s, mask, vals)
+	return reset == 0 && apply == 0
+}
+
 // livenessProbes is how many other holders each Acquire checks for death
 // on its way; an Acquire that finds no idle slot checks them all.
 const livenessProbes = 2
@@ -418,23 +429,29 @@ func (p *Pool) takeLocked(slots []slot, name string, own owner, mask fieldMask, 
 	}
 	dead := func(s slot) bool { return s.state != stateIdle && s.owner != p.self && !s.owner.alive() }
 	mine = slot{id: -1, state: stateBusy, owner: own, mask: mask, set: mask, vals: vals, name: name}
-	for _, s := range slots {
+	idle, shaped := 0, false
+	for i := range slots {
+		s := &slots[i]
 		switch {
 		case s.state == stateIdle:
-			if mine.id < 0 {
-				mine.id, prev = s.id, s
-			} else {
-				idleLeft++
+			idle++
+			// Prefer an idle slot that already holds these limits (the
+			// last lease had the same shape): Acquire then writes nothing.
+			// Only the first few idle slots are compared.
+			if mine.id < 0 || !shaped && idle <= shapeProbes && fits(*s, mask, vals) {
+				mine.id, prev = s.id, *s
+				shaped = fits(*s, mask, vals)
 			}
 		case s.name == name:
-			if !dead(s) {
+			if !dead(*s) {
 				return mine, prev, false, 0, nil, ErrExist
 			}
-			if err := claim(s); err != nil {
+			if err := claim(*s); err != nil {
 				return mine, prev, false, 0, nil, err
 			}
 		}
 	}
+	idleLeft = max(idle-1, 0)
 	for i := 0; i < livenessProbes && len(slots) > 0; i++ {
 		p.cursor = (p.cursor + 1) % len(slots)
 		if s := slots[p.cursor]; s.name != name && dead(s) {
@@ -529,10 +546,11 @@ func (p *Pool) Release(name string) error {
 	var mine slot
 	found, lazy := false, false
 	err := p.withLock(func(slots []slot) error {
-		for _, s := range slots {
-			if s.name != name || s.state == stateIdle {
+		for i := range slots {
+			if slots[i].name != name || slots[i].state == stateIdle {
 				continue
 			}
+			s := slots[i]
 			if s.state != stateBusy && s.owner.alive() && s.owner != p.self {
 				return nil // another process is already cleaning it up
 			}

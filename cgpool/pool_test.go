@@ -164,8 +164,11 @@ func TestAcquireRelease(t *testing.T) {
 				t.Fatalf("second release: got %v, want nil", err)
 			}
 			// The limit stays on the idle slot (lazy reset), and the next
-			// lease of the slot, which asks for none, must not inherit it.
-			l2, err := p.Acquire(context.Background(), "ctr2", 0, nil)
+			// lease of the slot, which asks for no pids limit, must not
+			// inherit it. No idle slot holds its CPU shares, so it gets
+			// the first idle one.
+			shares := uint64(512)
+			l2, err := p.Acquire(context.Background(), "ctr2", 0, &specs.LinuxResources{CPU: &specs.LinuxCPU{Shares: &shares}})
 			if err != nil || l2.Slot() != l.Slot() {
 				t.Fatalf("re-acquire: got %v %v, want slot %d", l2, err, l.Slot())
 			}

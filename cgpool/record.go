@@ -86,22 +86,54 @@ func encodeSlot(s slot) []byte {
 	if name == "" {
 		name = "-"
 	}
-	vals := s.vals.encode(s.set)
-	body := fmt.Sprintf("%d %c %d %d %x %x %s %s", s.id, s.state, s.owner.pid, s.owner.start, uint32(s.mask), uint32(s.set), vals, name)
+	body := appendSlotBody(make([]byte, 0, lineSize), s, name, true)
 	if len(body)+10 > lineSize {
 		// Cannot happen with names bounded by maxNameLen; stay correct
 		// anyway by forgetting the values: the next Acquire rewrites all.
-		body = fmt.Sprintf("%d %c %d %d %x 0 - %s", s.id, s.state, s.owner.pid, s.owner.start, uint32(s.mask|s.set), name)
+		s.mask |= s.set
+		body = appendSlotBody(body[:0], s, name, false)
 	}
-	return pad(fmt.Sprintf("%s %08x", body, crc32.Checksum([]byte(body), crcTable)), lineSize)
+	sum := crc32.Checksum(body, crcTable)
+	body = append(body, ' ')
+	for shift := 28; shift >= 0; shift -= 4 {
+		body = append(body, "0123456789abcdef"[sum>>shift&0xf])
+	}
+	return padLine(body, lineSize)
 }
 
-func pad(s string, size int) []byte {
-	b := bytes.Repeat([]byte{' '}, size)
-	copy(b, s)
+// appendSlotBody appends the checksummed part of a slot line; without
+// values, the set is 0 and the values "-".
+func appendSlotBody(b []byte, s slot, name string, withValues bool) []byte {
+	b = strconv.AppendInt(b, int64(s.id), 10)
+	b = append(b, ' ', byte(s.state), ' ')
+	b = strconv.AppendInt(b, int64(s.owner.pid), 10)
+	b = append(b, ' ')
+	b = strconv.AppendUint(b, s.owner.start, 10)
+	b = append(b, ' ')
+	b = strconv.AppendUint(b, uint64(uint32(s.mask)), 16)
+	b = append(b, ' ')
+	if withValues {
+		b = strconv.AppendUint(b, uint64(uint32(s.set)), 16)
+		b = append(b, ' ')
+		b = s.vals.appendEncoded(b, s.set)
+	} else {
+		b = append(b, "0 -"...)
+	}
+	b = append(b, ' ')
+	return append(b, name...)
+}
+
+// padLine pads b with spaces to size bytes (at most lineSize), the last
+// one a newline.
+func padLine(b []byte, size int) []byte {
+	b = append(b, spaces[:max(size-len(b), 0)]...)[:size]
 	b[size-1] = '\n'
 	return b
 }
+
+var spaces = [lineSize]byte(bytes.Repeat([]byte{' '}, lineSize))
+
+func pad(s string, size int) []byte { return padLine(append(make([]byte, 0, size), s...), size) }
 
 func decodeSlot(line []byte, want int) (slot, error) {
 	f := strings.Fields(string(line))
@@ -156,6 +188,9 @@ type record struct {
 	gen   uint64
 	slots []slot
 	valid bool
+	// hdr is the header as last read or written: the same bytes under
+	// the lock mean the cache is current, without parsing them.
+	hdr [headerSize]byte
 }
 
 func openRecord(path string, mode Mode) (*record, error) {
@@ -181,7 +216,16 @@ func (r *record) lock(how int) error {
 func (r *record) unlock() { _ = unix.Flock(int(r.f.Fd()), unix.LOCK_UN) }
 
 func (r *record) encodeHeader() []byte {
-	return pad(fmt.Sprintf("%s %d %s %d %s", recordMagic, recordVersion, r.mode, r.gen, r.ctrls), headerSize)
+	b := make([]byte, 0, headerSize)
+	b = append(b, recordMagic+" "...)
+	b = strconv.AppendInt(b, recordVersion, 10)
+	b = append(b, ' ')
+	b = append(b, r.mode...)
+	b = append(b, ' ')
+	b = strconv.AppendUint(b, r.gen, 10)
+	b = append(b, ' ')
+	b = append(b, r.ctrls...)
+	return padLine(b, headerSize)
 }
 
 func (r *record) parseHeader(b []byte) (gen uint64, ctrls string, err error) {
@@ -230,6 +274,9 @@ func (r *record) readLocked() ([]slot, error) {
 		r.valid = false
 		return nil, fmt.Errorf("record header: short: %w", ErrCorrupt)
 	}
+	if r.valid && hdr == r.hdr {
+		return r.slots, nil
+	}
 	gen, ctrls, err := r.parseHeader(hdr[:])
 	if err != nil {
 		r.valid = false
@@ -239,9 +286,6 @@ func (r *record) readLocked() ([]slot, error) {
 		// Another process recreated the pool with other controllers.
 		r.valid = false
 		return nil, fmt.Errorf("%w: record has %s, pool opened with %s", ErrControllers, ctrls, r.ctrls)
-	}
-	if r.valid && gen == r.gen {
-		return r.slots, nil
 	}
 	r.valid = false
 	fi, err := r.f.Stat()
@@ -272,7 +316,7 @@ func (r *record) readLocked() ([]slot, error) {
 		}
 		slots[i] = s
 	}
-	r.gen, r.slots, r.valid = gen, slots, true
+	r.gen, r.slots, r.valid, r.hdr = gen, slots, true, hdr
 	return slots, nil
 }
 
@@ -284,10 +328,12 @@ func (r *record) readLocked() ([]slot, error) {
 // was called under it.
 func (r *record) writeSlotLocked(s slot) error {
 	r.gen++
-	if _, err := r.f.WriteAt(r.encodeHeader(), 0); err != nil {
+	hdr := r.encodeHeader()
+	if _, err := r.f.WriteAt(hdr, 0); err != nil {
 		r.valid = false
 		return fmt.Errorf("writing pool record: %w", err)
 	}
+	copy(r.hdr[:], hdr)
 	if _, err := r.f.WriteAt(encodeSlot(s), int64(headerSize+s.id*lineSize)); err != nil {
 		r.valid = false
 		return fmt.Errorf("writing pool record: %w", err)
@@ -306,7 +352,8 @@ func (r *record) writeSlotLocked(s slot) error {
 func (r *record) replaceLocked(slots []slot) error {
 	r.gen++
 	buf := make([]byte, 0, headerSize+len(slots)*lineSize)
-	buf = append(buf, r.encodeHeader()...)
+	hdr := r.encodeHeader()
+	buf = append(buf, hdr...)
 	for _, s := range slots {
 		buf = append(buf, encodeSlot(s)...)
 	}
@@ -318,6 +365,7 @@ func (r *record) replaceLocked(slots []slot) error {
 		return fmt.Errorf("rewriting pool record: %w", err)
 	}
 	r.slots, r.valid = slots, true
+	copy(r.hdr[:], hdr)
 	return nil
 }
 

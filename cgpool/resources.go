@@ -347,17 +347,32 @@ func (v *values) put(f fieldMask, s string) error {
 
 // encode writes the values of the numeric fields in m, "/"-separated in
 // numericFields order; "-" when there are none.
-func (v values) encode(m fieldMask) string {
-	var parts []string
+func (v values) encode(m fieldMask) string { return string(v.appendEncoded(nil, m)) }
+
+func (v values) appendEncoded(b []byte, m fieldMask) []byte {
+	n := len(b)
 	for _, f := range numericFields {
-		if m&f != 0 {
-			parts = append(parts, v.get(f))
+		if m&f == 0 {
+			continue
+		}
+		if len(b) > n {
+			b = append(b, '/')
+		}
+		switch f {
+		case fieldCPUShares:
+			b = strconv.AppendUint(b, v.shares, 10)
+		case fieldCPUPeriod:
+			b = strconv.AppendUint(b, v.period, 10)
+		case fieldBlkioWeight:
+			b = strconv.AppendUint(b, uint64(v.blkio), 10)
+		default:
+			b = strconv.AppendInt(b, *v.field(f), 10)
 		}
 	}
-	if len(parts) == 0 {
-		return "-"
+	if len(b) == n {
+		b = append(b, '-')
 	}
-	return strings.Join(parts, "/")
+	return b
 }
 
 func decodeValues(s string, m fieldMask) (values, error) {
@@ -421,7 +436,21 @@ func plan(prev slot, m fieldMask, v values) (reset, apply fieldMask) {
 
 func sameValues(a, b values, m fieldMask) bool {
 	for _, f := range numericFields {
-		if m&f != 0 && a.get(f) != b.get(f) {
+		if m&f == 0 {
+			continue
+		}
+		var same bool
+		switch f {
+		case fieldCPUShares:
+			same = a.shares == b.shares
+		case fieldCPUPeriod:
+			same = a.period == b.period
+		case fieldBlkioWeight:
+			same = a.blkio == b.blkio
+		default:
+			same = *a.field(f) == *b.field(f)
+		}
+		if !same {
 			return false
 		}
 	}

@@ -159,13 +159,13 @@ func (p *Pool) cleanupAt(s slot, dirs []string, lazy bool) error {
 	if err := p.killAll(dirs); err != nil {
 		return fmt.Errorf("emptying slot %d: %w", s.id, err)
 	}
-	paths := make(map[string]string, len(dirs))
-	for i, h := range p.hs {
-		for _, c := range h.controllers {
-			paths[c] = dirs[i]
-		}
-	}
 	if !lazy {
+		paths := make(map[string]string, len(dirs))
+		for i, h := range p.hs {
+			for _, c := range h.controllers {
+				paths[c] = dirs[i]
+			}
+		}
 		if err := resetResources(p.mode, paths, s.mask); err != nil {
 			return fmt.Errorf("resetting slot %d: %w", s.id, err)
 		}
@@ -233,18 +233,30 @@ func (p *Pool) killAll(dirs []string) error {
 	}
 }
 
-// empty is the cheap check that the slot holds no process and no child
-// cgroup, so that releasing an already stopped sandbox reads no pid list
-// (building one costs ~20µs per v1 hierarchy). It stats each directory
-// (a cgroup's link count is 2 plus its children) and reads one counter:
-// cgroup.events on v2, pids.current (which counts descendants too) on v1;
-// without a pids hierarchy it answers false and killAll scans. A process
-// that a third party put into only some non-pids hierarchies is not seen.
-// It works relative to the parents' fds: no path walk from the root.
+// empty is the cheap check that the slot holds no process, so that
+// releasing an already stopped sandbox reads no pid list (building one
+// costs ~20µs per v1 hierarchy). It looks at one directory: the pids
+// hierarchy's on v1, whose pids.current counts the tasks of the whole
+// subtree, and the tree's only one on v2, whose cgroup.events says whether
+// any process is in it or below. A stat of that directory also catches
+// child cgroups (a cgroup's link count is 2 plus its children). Without a
+// pids hierarchy it answers false and killAll scans every hierarchy.
+//
+// A process that a third party moved into only the slot's non-pids
+// hierarchies, or a child cgroup made only there, is not seen: rund puts
+// the shim and the VMM into every hierarchy of the lease and makes no
+// child cgroups on the host. It works relative to the parents' fds: no
+// path walk from the root.
 func (p *Pool) empty(dirs []string) bool {
-	checked := false
 	for i, d := range dirs {
 		h := p.hs[i]
+		file := "cgroup.events"
+		if p.mode != ModeV2 {
+			if !h.has("pids") {
+				continue
+			}
+			file = "pids.current"
+		}
 		if !h.cgroupfs {
 			return false
 		}
@@ -253,22 +265,13 @@ func (p *Pool) empty(dirs []string) bool {
 		if err := unix.Fstatat(p.pfds[i], base, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil || st.Nlink > 2 {
 			return false // missing, or has child cgroups
 		}
-		switch {
-		case p.mode == ModeV2:
-			ev, ok := readAt(p.pfds[i], base+"/cgroup.events")
-			if !ok || !strings.Contains(ev, "populated 0") {
-				return false
-			}
-			checked = true
-		case h.has("pids") && !checked:
-			n, ok := readAt(p.pfds[i], base+"/pids.current")
-			if !ok || strings.TrimSpace(n) != "0" {
-				return false
-			}
-			checked = true
+		v, ok := readAt(p.pfds[i], base+"/"+file)
+		if p.mode == ModeV2 {
+			return ok && strings.Contains(v, "populated 0")
 		}
+		return ok && strings.TrimSpace(v) == "0"
 	}
-	return checked
+	return false
 }
 
 // readAt reads a small control file below the directory dirfd.

@@ -91,6 +91,7 @@ func main() {
 	parent := flag.String("parent", "rund-bench", "parent cgroup for the benchmark (removed afterwards)")
 	v2root := flag.String("v2root", "auto", `cgroup2 tree for a v2 pass ("auto": <root>/unified on a hybrid host, "" to skip)`)
 	ctrls := flag.String("controllers", "", `v1 controllers of the pool's slots ("": cgpool.DefaultControllers; "all": every hierarchy)`)
+	flag.StringVar(&stateRoot, "state", "/dev/shm", "where the pool records go: a tmpfs, as /run is on a standard host (here /run is on the root disk)")
 	flag.IntVar(&shapes, "shapes", 4, "number of distinct sandbox memory sizes (1: every sandbox alike)")
 	flag.DurationVar(&settle, "settle", time.Second, "longest wait for the host to go idle between runs")
 	flag.Parse()
@@ -137,6 +138,7 @@ func main() {
 }
 
 var (
+	stateRoot   string
 	shapes      int
 	settle      time.Duration
 	controllers []string
@@ -196,7 +198,7 @@ func spec(mode cgpool.Mode, root string) (*specs.LinuxResources, string) {
 }
 
 func bench(root string, mode cgpool.Mode, parent string, levels []int, n int) (run, error) {
-	state, err := os.MkdirTemp("", "cgpool-bench-")
+	state, err := os.MkdirTemp(stateRoot, "cgpool-bench-")
 	if err != nil {
 		return run{}, err
 	}
