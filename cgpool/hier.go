@@ -37,6 +37,9 @@ type hierarchy struct {
 	// cgroupfs is false for a plain directory standing in for a hierarchy
 	// (tests, benchmarks on fake trees).
 	cgroupfs bool
+	// named is set where a lease's slot is renamed to the lease's name
+	// (see NamedControllers); elsewhere the slot keeps its own name.
+	named bool
 }
 
 func (h hierarchy) has(ctrl string) bool {
@@ -220,6 +223,12 @@ func nameXattrOf(dir string) string {
 	return string(buf[:n])
 }
 
+// slotXattrIs reports whether dir is marked as slot id.
+func slotXattrIs(dir string, id int) bool {
+	got, ok := slotXattrID(dir)
+	return ok && got == id
+}
+
 func slotXattrID(dir string) (int, bool) {
 	var buf [16]byte
 	n, err := unix.Getxattr(dir, slotXattr, buf[:])
@@ -263,6 +272,39 @@ const AllControllers = "all"
 // "lightweight cgroup"); every hierarchy left out saves two renames per
 // lease.
 var DefaultControllers = []string{"cpu", "cpuacct", "cpuset", "memory", "pids"}
+
+// NamedControllers are the cgroup v1 controllers whose hierarchies show a
+// lease under the container's own cgroup name: those every sandbox is
+// limited by (memory, CPU time, tasks), where runc users, OCI tests and
+// monitoring look up a container's limits by its cgroupsPath. In the
+// pool's other hierarchies (cpuset, a cpuacct mounted on its own, ...) a
+// lease stays in its slot's directory, under the slot's name, as every
+// lease does on cgroup v2: its processes and limits are there all the
+// same, and Lease.Paths says where. Each hierarchy left unrenamed saves
+// two renames per lease; a cpuacct mounted together with cpu (as systemd
+// does) is renamed with it.
+var NamedControllers = []string{"cpu", "memory", "pids"}
+
+// markNamed sets which v1 hierarchies are renamed: those serving one of
+// NamedControllers, or all of them if none does, so that the tree always
+// shows a lease's name somewhere (a rebuild reads it back from there).
+func markNamed(hs []hierarchy) []hierarchy {
+	out := make([]hierarchy, len(hs))
+	any := false
+	for i, h := range hs {
+		for _, c := range NamedControllers {
+			h.named = h.named || h.has(c)
+		}
+		any = any || h.named
+		out[i] = h
+	}
+	if !any {
+		for i := range out {
+			out[i].named = true
+		}
+	}
+	return out
+}
 
 // selectHierarchies keeps the v1 hierarchies that serve one of want; a
 // controller that is not mounted is skipped (the default set must work on

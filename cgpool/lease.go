@@ -16,7 +16,7 @@ type Lease struct {
 }
 
 func (p *Pool) lease(s slot) *Lease {
-	return &Lease{pool: p, id: s.id, name: s.name, paths: p.pathsFor(p.dirName(s))}
+	return &Lease{pool: p, id: s.id, name: s.name, paths: p.pathsFor(s)}
 }
 
 // Name returns the cgroup name the lease was taken under.

@@ -137,6 +137,7 @@ func Open(opts Options) (*Pool, error) {
 			_ = rec.close()
 			return nil, fmt.Errorf("opening cgroup pool %s: %w", parent, err)
 		}
+		hs = markNamed(hs)
 	}
 	rec.ctrls = controllerSet(mode, hs)
 	p := &Pool{opts: opts, mode: mode, hs: hs, self: self, rec: rec}
@@ -230,6 +231,20 @@ func (p *Pool) Controllers() []string {
 	return out
 }
 
+// NamedControllers returns the controllers, sorted, whose hierarchies
+// show a lease under its own name (none on cgroup v2); in the pool's other
+// hierarchies a lease keeps its slot's name.
+func (p *Pool) NamedControllers() []string {
+	var out []string
+	for _, h := range p.hs {
+		if h.named && p.mode == ModeV1 {
+			out = append(out, h.controllers...)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
 // Close waits for a background refill and closes the record.
 func (p *Pool) Close() error {
 	p.refillWG.Wait()
@@ -313,7 +328,7 @@ func (p *Pool) Acquire(ctx context.Context, name string, ownerPid int, res *spec
 	}
 	switch dir := p.dirName(mine); {
 	case grow:
-		err = p.makeDirs(dir, mine.id)
+		err = p.makeDirs(mine)
 	case dir != slotName(mine.id):
 		err = p.renameAll(slotName(mine.id), dir)
 		if errors.Is(err, os.ErrNotExist) {
@@ -326,21 +341,21 @@ func (p *Pool) Acquire(ctx context.Context, name string, ownerPid int, res *spec
 			}
 		}
 	}
+
 	if err == nil && p.mode == ModeV2 {
 		// No rename on v2: the tree keeps the lease's name in an xattr.
 		err = setNameXattr(filepath.Join(p.parents[0], slotName(mine.id)), name)
 	}
 	if err == nil {
 		l := p.lease(mine)
-		// Write only what differs from the slot's recorded values: the
-		// last lease's limits stay on a released slot (lazy reset) and are
-		// overwritten, or reset, here.
-		reset, apply := plan(prev, mask, valuesOf(r))
-		if reset != 0 {
-			err = resetResources(p.mode, l.paths, reset)
-		}
-		if err == nil {
-			err = applyResources(p.mode, l.paths, restrict(r, apply), apply)
+		err = p.apply(l, prev, mask, r)
+		if errors.Is(err, os.ErrNotExist) && p.mode == ModeV1 {
+			// A directory in a hierarchy where slots are not renamed
+			// was removed behind the record's back (no rename noticed):
+			// make it again and apply every limit.
+			if err = p.remakeMissing(mine); err == nil {
+				err = p.apply(l, slot{}, mask, r)
+			}
 		}
 		if err == nil {
 			if p.opts.LowWater > 0 && idleLeft < p.opts.LowWater {
@@ -359,15 +374,32 @@ func (p *Pool) Acquire(ctx context.Context, name string, ownerPid int, res *spec
 	return nil, fmt.Errorf("acquiring cgroup %q: %w", name, err)
 }
 
+// apply writes the limits r (fields mask) to the lease: only what differs
+// from the slot's recorded values prev, since the last lease's limits stay
+// on a released slot (lazy reset) and are overwritten, or reset, here.
+func (p *Pool) apply(l *Lease, prev slot, mask fieldMask, r *cgroups.Resources) error {
+	reset, apply := plan(prev, mask, valuesOf(r))
+	if reset != 0 {
+		if err := resetResources(p.mode, l.paths, reset); err != nil {
+			return err
+		}
+	}
+	return applyResources(p.mode, l.paths, restrict(r, apply), apply)
+}
+
 // remakeIdle creates the idle slot's directory in each hierarchy that lacks
 // it.
-func (p *Pool) remakeIdle(s slot) error {
-	idle := slotName(s.id)
+func (p *Pool) remakeIdle(s slot) error { return p.remakeMissing(slot{id: s.id}) }
+
+// remakeMissing creates the slot's directory, named as dirIn says, in each
+// hierarchy that lacks it.
+func (p *Pool) remakeMissing(s slot) error {
 	for i := range p.hs {
-		if exists(filepath.Join(p.parents[i], idle)) {
+		name := p.dirIn(i, s)
+		if exists(filepath.Join(p.parents[i], name)) {
 			continue
 		}
-		if err := p.makeDir(i, idle, s.id); err != nil {
+		if err := p.makeDir(i, name, s.id); err != nil {
 			return fmt.Errorf("recreating slot %d: %w", s.id, err)
 		}
 	}
@@ -399,11 +431,17 @@ func (p *Pool) servesFields(m fieldMask) error {
 // it asks for, looking for one it need not write to.
 const shapeProbes = 32
 
-// fits reports whether the idle slot s already holds the fields mask at
-// vals, so that taking it writes nothing.
-func fits(s slot, mask fieldMask, vals values) bool {
-	reset, apply := plan(s, mask, vals)
-	return reset == 0 && apply == 0
+// slotRank says how well the idle slot s suits a lease of the fields mask
+// at vals: 2 if it already holds them (taking it writes nothing), 1 if it
+// holds no limits, 0 otherwise.
+func slotRank(s slot, mask fieldMask, vals values) int {
+	if reset, apply := plan(s, mask, vals); reset == 0 && apply == 0 {
+		return 2
+	}
+	if s.mask == 0 {
+		return 1
+	}
+	return 0
 }
 
 // livenessProbes is how many other holders each Acquire checks for death
@@ -429,7 +467,7 @@ func (p *Pool) takeLocked(slots []slot, name string, own owner, mask fieldMask, 
 	}
 	dead := func(s slot) bool { return s.state != stateIdle && s.owner != p.self && !s.owner.alive() }
 	mine = slot{id: -1, state: stateBusy, owner: own, mask: mask, set: mask, vals: vals, name: name}
-	idle, shaped := 0, false
+	idle, rank := 0, 0
 	for i := range slots {
 		s := &slots[i]
 		switch {
@@ -437,10 +475,10 @@ func (p *Pool) takeLocked(slots []slot, name string, own owner, mask fieldMask, 
 			idle++
 			// Prefer an idle slot that already holds these limits (the
 			// last lease had the same shape): Acquire then writes nothing.
-			// Only the first few idle slots are compared.
-			if mine.id < 0 || !shaped && idle <= shapeProbes && fits(*s, mask, vals) {
-				mine.id, prev = s.id, *s
-				shaped = fits(*s, mask, vals)
+			// Failing that, a fresh one, so that shaped slots stay for
+			// their shape. Only the first few idle slots are compared.
+			if r := slotRank(*s, mask, vals); mine.id < 0 || idle <= shapeProbes && r > rank {
+				mine.id, prev, rank = s.id, *s, r
 			}
 		case s.name == name:
 			if !dead(*s) {
@@ -542,7 +580,15 @@ func (p *Pool) markIdle(s slot) error {
 //
 // The lazy reset trusts the record: the lease's limits must be changed only
 // through this package.
-func (p *Pool) Release(name string) error {
+func (p *Pool) Release(name string) error { return p.release(name, true) }
+
+// ReleaseReset is Release without the lazy reset: it also resets every
+// limit the lease had and remakes any of the slot's directories that were
+// removed behind the pool's back. It is for a lease whose sandbox failed
+// to start, in case the cgroup itself was the cause.
+func (p *Pool) ReleaseReset(name string) error { return p.release(name, false) }
+
+func (p *Pool) release(name string, mayBeLazy bool) error {
 	var mine slot
 	found, lazy := false, false
 	err := p.withLock(func(slots []slot) error {
@@ -556,7 +602,7 @@ func (p *Pool) Release(name string) error {
 			}
 			// Only a busy slot is as its Acquire left it; one that a dead
 			// process was cleaning up may be half reset.
-			lazy = s.state == stateBusy && s.mask != fieldAll
+			lazy = mayBeLazy && s.state == stateBusy && s.mask != fieldAll
 			s.state, s.owner = stateCleaning, p.self
 			mine, found = s, true
 			return p.rec.writeSlotLocked(s)
@@ -625,7 +671,7 @@ func (p *Pool) grow(n int) error {
 	}
 	var errs []error
 	for _, id := range ids {
-		if err := p.makeDirs(slotName(id), id); err != nil {
+		if err := p.makeDirs(slot{id: id}); err != nil {
 			errs = append(errs, err)
 			continue
 		}

@@ -36,7 +36,7 @@ func fakeTree(t *testing.T, mode Mode) string {
 		}
 		return root
 	}
-	for _, h := range []string{"cpu,cpuacct", "memory", "pids", "systemd", "unified"} {
+	for _, h := range []string{"cpu,cpuacct", "cpuset", "memory", "pids", "systemd", "unified"} {
 		if err := os.Mkdir(filepath.Join(root, h), 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -115,7 +115,7 @@ func TestDetectFake(t *testing.T) {
 					ctrls = append(ctrls, h.controllers...)
 				}
 				sort.Strings(ctrls)
-				if want := "[cpu cpuacct memory name=systemd pids]"; fmt.Sprint(ctrls) != want {
+				if want := "[cpu cpuacct cpuset memory name=systemd pids]"; fmt.Sprint(ctrls) != want {
 					t.Fatalf("got controllers %v, want %s", ctrls, want)
 				}
 			}
@@ -127,7 +127,7 @@ func TestAcquireRelease(t *testing.T) {
 	for _, mode := range []Mode{ModeV1, ModeV2} {
 		t.Run(string(mode), func(t *testing.T) {
 			p := openPool(t, Options{Root: fakeTree(t, mode), Parent: "/pool/parent", LowWater: -1})
-			if err := p.Init(2); err != nil {
+			if err := p.Init(1); err != nil {
 				t.Fatal(err)
 			}
 			pids := int64(64)
@@ -154,8 +154,8 @@ func TestAcquireRelease(t *testing.T) {
 				t.Fatalf("Lease: got %v %v", got, err)
 			}
 			st, _ := p.Status()
-			if st.Busy != 1 || st.Idle != 1 {
-				t.Fatalf("got busy %d idle %d, want 1 and 1", st.Busy, st.Idle)
+			if st.Busy != 1 || st.Idle != 0 {
+				t.Fatalf("got busy %d idle %d, want 1 and 0", st.Busy, st.Idle)
 			}
 			if err := p.Release("ctr1"); err != nil {
 				t.Fatal(err)
@@ -165,8 +165,7 @@ func TestAcquireRelease(t *testing.T) {
 			}
 			// The limit stays on the idle slot (lazy reset), and the next
 			// lease of the slot, which asks for no pids limit, must not
-			// inherit it. No idle slot holds its CPU shares, so it gets
-			// the first idle one.
+			// inherit it.
 			shares := uint64(512)
 			l2, err := p.Acquire(context.Background(), "ctr2", 0, &specs.LinuxResources{CPU: &specs.LinuxCPU{Shares: &shares}})
 			if err != nil || l2.Slot() != l.Slot() {
@@ -346,8 +345,11 @@ func TestDestroy(t *testing.T) {
 func TestControllers(t *testing.T) {
 	root, state := fakeTree(t, ModeV1), t.TempDir()
 	p := openPool(t, Options{Root: root, Parent: "p", StateDir: state, LowWater: -1})
-	if got, want := fmt.Sprint(p.Controllers()), "[cpu cpuacct memory pids]"; got != want {
+	if got, want := fmt.Sprint(p.Controllers()), "[cpu cpuacct cpuset memory pids]"; got != want {
 		t.Fatalf("default: got %v, want %s (no systemd)", got, want)
+	}
+	if got, want := fmt.Sprint(p.NamedControllers()), "[cpu cpuacct memory pids]"; got != want {
+		t.Fatalf("renamed: got %v, want %s (cpuacct goes with cpu, cpuset keeps slot names)", got, want)
 	}
 	if err := p.Init(1); err != nil {
 		t.Fatal(err)
@@ -413,4 +415,106 @@ func TestIdleSlotRemovedBehindRecord(t *testing.T) {
 	if err := p.Release("b"); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestUnnamedHierarchy: in a hierarchy whose slots are not renamed (cpuset
+// here) a lease stays in its slot's directory, which holds its limits;
+// the renamed ones show the lease's name. A slot directory removed there
+// behind the record's back is made again by the next acquire.
+func TestUnnamedHierarchy(t *testing.T) {
+	root := fakeTree(t, ModeV1)
+	p := openPool(t, Options{Root: root, Parent: "/pool/parent", LowWater: -1})
+	res := &specs.LinuxResources{CPU: &specs.LinuxCPU{Cpus: "0", Mems: "0"}}
+	l, err := p.Acquire(context.Background(), "a", 0, res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slot := slotName(l.Slot())
+	cpuset, mem := l.Paths()["cpuset"], l.Paths()["memory"]
+	if filepath.Base(cpuset) != slot || filepath.Base(mem) != "a" {
+		t.Fatalf("paths %v: want cpuset in %s, memory in a", l.Paths(), slot)
+	}
+	if b, err := os.ReadFile(filepath.Join(cpuset, "cpuset.cpus")); err != nil || string(b) != "0" {
+		t.Fatalf("cpuset.cpus of the lease: got %q %v, want 0", b, err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "cpuset", "pool", "parent", "a")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("cpuset directory under the lease's name: %v", err)
+	}
+	if err := p.Release("a"); err != nil {
+		t.Fatal(err)
+	}
+	checkNoLeaks(t, p)
+	if err := os.RemoveAll(cpuset); err != nil {
+		t.Fatal(err)
+	}
+	l2, err := p.Acquire(context.Background(), "b", 0, res)
+	if err != nil {
+		t.Fatalf("acquire after the cpuset slot vanished: %v", err)
+	}
+	if l2.Slot() != l.Slot() {
+		t.Fatalf("got slot %d, want %d", l2.Slot(), l.Slot())
+	}
+	if b, err := os.ReadFile(filepath.Join(l2.Paths()["cpuset"], "cpuset.cpus")); err != nil || string(b) != "0" {
+		t.Fatalf("cpuset.cpus of the remade slot: got %q %v, want 0", b, err)
+	}
+	if err := p.Release("b"); err != nil {
+		t.Fatal(err)
+	}
+	checkNoLeaks(t, p)
+	// A lease that writes nothing to cpuset does not notice; the full
+	// release after its failed start remakes the directory.
+	pids := int64(10)
+	res = &specs.LinuxResources{Pids: &specs.LinuxPids{Limit: &pids}}
+	if _, err := p.Acquire(context.Background(), "c", 0, res); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Release("c"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(cpuset); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Acquire(context.Background(), "d", 0, res); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.ReleaseReset("d"); err != nil {
+		t.Fatal(err)
+	}
+	checkNoLeaks(t, p)
+}
+
+// TestSlotChoice: an acquire takes an idle slot that already holds its
+// limits, else a fresh one, so that shaped slots are kept for their shape.
+func TestSlotChoice(t *testing.T) {
+	p := openPool(t, Options{Root: fakeTree(t, ModeV1), Parent: "/pool/parent", LowWater: -1})
+	if err := p.Init(3); err != nil {
+		t.Fatal(err)
+	}
+	withPids := func(n int64) *specs.LinuxResources { return &specs.LinuxResources{Pids: &specs.LinuxPids{Limit: &n}} }
+	acquire := func(name string, pids int64) int {
+		t.Helper()
+		l, err := p.Acquire(context.Background(), name, 0, withPids(pids))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l.Slot()
+	}
+	a, b := acquire("a", 10), acquire("b", 20)
+	for _, n := range []string{"a", "b"} {
+		if err := p.Release(n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if c := acquire("c", 20); c != b {
+		t.Errorf("lease with b's limits got slot %d, want b's slot %d", c, b)
+	}
+	if d := acquire("d", 30); d == a || d == b {
+		t.Errorf("lease with new limits got shaped slot %d, want the fresh one", d)
+	}
+	for _, n := range []string{"c", "d"} {
+		if err := p.Release(n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	checkNoLeaks(t, p)
 }

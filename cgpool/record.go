@@ -136,43 +136,79 @@ var spaces = [lineSize]byte(bytes.Repeat([]byte{' '}, lineSize))
 func pad(s string, size int) []byte { return padLine(append(make([]byte, 0, size), s...), size) }
 
 func decodeSlot(line []byte, want int) (slot, error) {
-	f := strings.Fields(string(line))
-	if len(f) != 9 {
-		return slot{}, fmt.Errorf("slot line %d: %d fields: %w", want, len(f), ErrCorrupt)
+	bad := func(what string) (slot, error) {
+		return slot{}, fmt.Errorf("slot line %d: %s: %w", want, what, ErrCorrupt)
 	}
-	body := strings.Join(f[:8], " ")
-	if sum := fmt.Sprintf("%08x", crc32.Checksum([]byte(body), crcTable)); sum != f[8] {
-		return slot{}, fmt.Errorf("slot line %d: checksum: %w", want, ErrCorrupt)
+	// Every process reads every line of the record it has not cached, so
+	// this parses in place, without allocating but for the name.
+	line = bytes.TrimRight(line, " \n")
+	i := bytes.LastIndexByte(line, ' ')
+	if i < 0 || len(line)-i-1 != 8 {
+		return bad("checksum")
 	}
-	var s slot
-	var err error
-	var errs [7]error
-	s.id, errs[0] = strconv.Atoi(f[0])
-	s.owner.pid, errs[1] = strconv.Atoi(f[2])
-	s.owner.start, errs[2] = strconv.ParseUint(f[3], 10, 64)
-	m, e := strconv.ParseUint(f[4], 16, 32)
-	s.mask, errs[3] = fieldMask(m), e
-	if len(f[1]) != 1 {
-		errs[4] = errors.New("bad state")
+	body := line[:i]
+	if sum, ok := parseUint(line[i+1:], 16); !ok || sum != uint64(crc32.Checksum(body, crcTable)) {
+		return bad("checksum")
 	}
-	m, e = strconv.ParseUint(f[5], 16, 32)
-	s.set, errs[5] = fieldMask(m), e
-	if e == nil {
-		s.vals, errs[6] = decodeValues(f[6], s.set)
+	// id state pid start mask set values name
+	var f [8][]byte
+	for n := range f {
+		j := bytes.IndexByte(body, ' ')
+		if n == len(f)-1 {
+			j = len(body)
+		}
+		if j <= 0 || n == len(f)-1 && bytes.IndexByte(body, ' ') >= 0 {
+			return bad("fields")
+		}
+		f[n], body = body[:j], body[min(j+1, len(body)):]
 	}
-	if err = errors.Join(errs[:]...); err != nil || s.id != want {
-		return slot{}, fmt.Errorf("slot line %d: %w", want, ErrCorrupt)
+	id, ok1 := parseUint(f[0], 10)
+	pid, ok2 := parseUint(f[2], 10)
+	start, ok3 := parseUint(f[3], 10)
+	mask, ok4 := parseUint(f[4], 16)
+	set, ok5 := parseUint(f[5], 16)
+	if !ok1 || !ok2 || !ok3 || !ok4 || !ok5 || mask > 1<<32-1 || set > 1<<32-1 || pid > 1<<31-1 || int(id) != want || len(f[1]) != 1 {
+		return bad("fields")
 	}
-	s.state = slotState(f[1][0])
+	s := slot{id: want, state: slotState(f[1][0]), owner: owner{pid: int(pid), start: start}, mask: fieldMask(mask), set: fieldMask(set)}
 	switch s.state {
 	case stateIdle, stateBusy, stateCleaning, stateNew:
 	default:
-		return slot{}, fmt.Errorf("slot line %d: state %q: %w", want, f[1], ErrCorrupt)
+		return bad(fmt.Sprintf("state %q", f[1]))
 	}
-	if f[7] != "-" {
-		s.name = f[7]
+	var err error
+	if s.vals, err = decodeValuesBytes(f[6], s.set); err != nil {
+		return bad(err.Error())
+	}
+	if string(f[7]) != "-" {
+		s.name = string(f[7])
 	}
 	return s, nil
+}
+
+// parseUint parses an unsigned number in base 10 or 16 (lower case), as
+// the record writes them.
+func parseUint(b []byte, base uint64) (uint64, bool) {
+	if len(b) == 0 || len(b) > 20 {
+		return 0, false
+	}
+	var n uint64
+	for _, c := range b {
+		var d uint64
+		switch {
+		case c >= '0' && c <= '9':
+			d = uint64(c - '0')
+		case base == 16 && c >= 'a' && c <= 'f':
+			d = uint64(c-'a') + 10
+		default:
+			return 0, false
+		}
+		if n > (1<<64-1-d)/base {
+			return 0, false
+		}
+		n = n*base + d
+	}
+	return n, true
 }
 
 // record is the open pool record file; its fd also carries the flock. The

@@ -1,6 +1,7 @@
 package cgpool
 
 import (
+	"bytes"
 	"fmt"
 	"path/filepath"
 	"strconv"
@@ -316,35 +317,6 @@ func (v *values) field(f fieldMask) *int64 {
 	return nil
 }
 
-func (v values) get(f fieldMask) string {
-	switch f {
-	case fieldCPUShares:
-		return strconv.FormatUint(v.shares, 10)
-	case fieldCPUPeriod:
-		return strconv.FormatUint(v.period, 10)
-	case fieldBlkioWeight:
-		return strconv.FormatUint(uint64(v.blkio), 10)
-	}
-	return strconv.FormatInt(*v.field(f), 10)
-}
-
-func (v *values) put(f fieldMask, s string) error {
-	var err error
-	switch f {
-	case fieldCPUShares:
-		v.shares, err = strconv.ParseUint(s, 10, 64)
-	case fieldCPUPeriod:
-		v.period, err = strconv.ParseUint(s, 10, 64)
-	case fieldBlkioWeight:
-		var w uint64
-		w, err = strconv.ParseUint(s, 10, 16)
-		v.blkio = uint16(w)
-	default:
-		*v.field(f), err = strconv.ParseInt(s, 10, 64)
-	}
-	return err
-}
-
 // encode writes the values of the numeric fields in m, "/"-separated in
 // numericFields order; "-" when there are none.
 func (v values) encode(m fieldMask) string { return string(v.appendEncoded(nil, m)) }
@@ -375,30 +347,71 @@ func (v values) appendEncoded(b []byte, m fieldMask) []byte {
 	return b
 }
 
-func decodeValues(s string, m fieldMask) (values, error) {
+func decodeValues(s string, m fieldMask) (values, error) { return decodeValuesBytes([]byte(s), m) }
+
+func decodeValuesBytes(b []byte, m fieldMask) (values, error) {
 	var v values
-	var parts []string
-	if s != "-" {
-		parts = strings.Split(s, "/")
+	rest := b
+	if string(b) == "-" {
+		rest = nil
 	}
-	i := 0
 	for _, f := range numericFields {
 		if m&f == 0 {
 			continue
 		}
-		if i >= len(parts) {
-			return v, fmt.Errorf("values %q: too few", s)
+		if len(rest) == 0 {
+			return v, fmt.Errorf("values %q: too few", b)
 		}
-		if err := v.put(f, parts[i]); err != nil {
-			return v, fmt.Errorf("values %q: %w", s, err)
+		part := rest
+		if j := bytes.IndexByte(rest, '/'); j >= 0 {
+			part, rest = rest[:j], rest[j+1:]
+			if len(rest) == 0 {
+				return v, fmt.Errorf("values %q: empty value", b)
+			}
+		} else {
+			rest = nil
 		}
-		i++
+		neg := len(part) > 1 && part[0] == '-'
+		if neg {
+			part = part[1:]
+		}
+		n, ok := parseUint(part, 10)
+		limit := uint64(1<<64 - 1)
+		if signedField(f) {
+			limit = 1<<63 - 1
+			if neg {
+				limit++
+			}
+		}
+		if !ok || n > limit || neg && !signedField(f) {
+			return v, fmt.Errorf("values %q: bad number", b)
+		}
+		x := int64(n) // wraps to math.MinInt64 for its own magnitude
+		if neg {
+			x = -x
+		}
+		switch f {
+		case fieldCPUShares:
+			v.shares = n
+		case fieldCPUPeriod:
+			v.period = n
+		case fieldBlkioWeight:
+			if n > 1<<16-1 {
+				return v, fmt.Errorf("values %q: bad number", b)
+			}
+			v.blkio = uint16(n)
+		default:
+			*v.field(f) = x
+		}
 	}
-	if i != len(parts) {
-		return v, fmt.Errorf("values %q: too many", s)
+	if len(rest) != 0 {
+		return v, fmt.Errorf("values %q: too many", b)
 	}
 	return v, nil
 }
+
+// signedField reports whether field f holds a signed value.
+func signedField(f fieldMask) bool { return (&values{}).field(f) != nil }
 
 // fieldGroups are the fields written together: cgroup v1 couples the
 // memory and memory+swap limits, and CFS quota and period.

@@ -144,14 +144,18 @@ func (p *Pool) rebuildLocked() ([]slot, error) {
 			slots[id] = s
 			continue
 		}
-		same := true
-		for _, d := range dirs {
-			same = same && d != "" && d == dirs[0]
-		}
-		for _, d := range dirs {
-			if d != "" && d != slotName(id) {
+		// The renamed hierarchies must agree on the name; the others must
+		// hold the slot under its own name, or (renamed by an older rund)
+		// under that same name.
+		for i, d := range dirs {
+			if p.hs[i].named && d != "" && d != slotName(id) {
 				s.name = d
 			}
+		}
+		same := true
+		for i, d := range dirs {
+			want := p.dirIn(i, slot{id: id, name: s.name})
+			same = same && (d == want || !p.hs[i].named && d == s.name && d != "")
 		}
 		if p.mode == ModeV2 && same {
 			if n := nameXattrOf(filepath.Join(p.parents[0], dirs[0])); n != "" {

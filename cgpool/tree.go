@@ -28,12 +28,12 @@ func parseSlotName(name string) (int, bool) {
 	return id, err == nil && id >= 0 && strconv.Itoa(id) == s
 }
 
-// pathsFor returns the directory named name under the parent, keyed like
+// pathsFor returns the slot's directories under the parent, keyed like
 // runc's cgroup paths (controller name; "" for v2).
-func (p *Pool) pathsFor(name string) map[string]string {
+func (p *Pool) pathsFor(s slot) map[string]string {
 	out := make(map[string]string, len(p.hs)+2)
 	for i, h := range p.hs {
-		d := filepath.Join(p.parents[i], name)
+		d := filepath.Join(p.parents[i], p.dirIn(i, s))
 		for _, c := range h.controllers {
 			out[c] = d
 		}
@@ -41,13 +41,22 @@ func (p *Pool) pathsFor(name string) map[string]string {
 	return out
 }
 
-// dirName is where a leased slot lives: its lease name on v1, its own name
-// on v2, where cgroups cannot be renamed.
+// dirName is where a leased slot lives in the renamed hierarchies: its
+// lease name on v1, its own name on v2, where cgroups cannot be renamed.
 func (p *Pool) dirName(s slot) string {
 	if p.mode == ModeV2 || s.name == "" {
 		return slotName(s.id)
 	}
 	return s.name
+}
+
+// dirIn is the slot's directory name in hierarchy i: dirName where slots
+// are renamed, the slot's own name elsewhere.
+func (p *Pool) dirIn(i int, s slot) string {
+	if !p.hs[i].named {
+		return slotName(s.id)
+	}
+	return p.dirName(s)
 }
 
 // makeDir creates one slot directory and makes it joinable: a v1 cpuset
@@ -79,13 +88,13 @@ func (p *Pool) makeDir(i int, name string, id int) error {
 	return nil
 }
 
-// makeDirs creates the slot's directory, named name, in every hierarchy,
-// all or none.
-func (p *Pool) makeDirs(name string, id int) error {
+// makeDirs creates the slot's directory in every hierarchy, named as
+// dirIn says, all or none.
+func (p *Pool) makeDirs(s slot) error {
 	for i := range p.hs {
-		if err := p.makeDir(i, name, id); err != nil {
+		if err := p.makeDir(i, p.dirIn(i, s), s.id); err != nil {
 			for j := i - 1; j >= 0; j-- {
-				_ = unix.Rmdir(filepath.Join(p.parents[j], name))
+				_ = unix.Rmdir(filepath.Join(p.parents[j], p.dirIn(j, s)))
 			}
 			return err
 		}
@@ -93,10 +102,13 @@ func (p *Pool) makeDirs(name string, id int) error {
 	return nil
 }
 
-// renameAll renames the slot in every hierarchy, all or none: a failure
-// part-way renames the ones already done back.
+// renameAll renames the slot in every hierarchy where slots are renamed,
+// all or none: a failure part-way renames the ones already done back.
 func (p *Pool) renameAll(from, to string) error {
 	for i, h := range p.hs {
+		if !h.named {
+			continue
+		}
 		err := renameAt(p.pfds[i], from, to, h.cgroupfs)
 		if err == nil {
 			continue
@@ -106,7 +118,9 @@ func (p *Pool) renameAll(from, to string) error {
 		}
 		var rb []error
 		for j := i - 1; j >= 0; j-- {
-			rb = append(rb, renameAt(p.pfds[j], to, from, p.hs[j].cgroupfs))
+			if p.hs[j].named {
+				rb = append(rb, renameAt(p.pfds[j], to, from, p.hs[j].cgroupfs))
+			}
 		}
 		return errors.Join(append([]error{err}, rb...)...)
 	}
@@ -123,17 +137,21 @@ func (p *Pool) renameAll(from, to string) error {
 func (p *Pool) cleanup(s slot, lazy bool) error {
 	dirs := make([]string, len(p.hs))
 	for i := range p.hs {
-		dirs[i] = filepath.Join(p.parents[i], p.dirName(s))
+		dirs[i] = filepath.Join(p.parents[i], p.dirIn(i, s))
 	}
 	err := p.cleanupAt(s, dirs, lazy)
 	if err == nil || !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
 	idle := slotName(s.id)
-	for i := range p.hs {
+	for i, h := range p.hs {
 		dirs[i] = filepath.Join(p.parents[i], idle)
 		if s.name != "" && p.mode != ModeV2 {
-			if named := filepath.Join(p.parents[i], s.name); !exists(dirs[i]) && exists(named) {
+			// A hierarchy whose slots are not renamed may still hold one
+			// under the lease's name if an older rund renamed it there;
+			// it is taken back only if it carries this slot's id.
+			named := filepath.Join(p.parents[i], s.name)
+			if !exists(dirs[i]) && exists(named) && (h.named || slotXattrIs(named, s.id)) {
 				dirs[i] = named
 			}
 		}
@@ -150,9 +168,13 @@ func (p *Pool) cleanup(s slot, lazy bool) error {
 // at dirs.
 func (p *Pool) cleanupAt(s slot, dirs []string, lazy bool) error {
 	idle := slotName(s.id)
-	for _, d := range dirs {
-		// A directory to be renamed back is checked by the rename.
-		if filepath.Base(d) == idle && !exists(d) {
+	for i, d := range dirs {
+		// A directory to be renamed back is checked by the rename. A
+		// lazy release does not look for one, in a v1 hierarchy whose
+		// slots are not renamed, that was removed behind the record's
+		// back: the next Acquire remakes it when a write to it fails, a
+		// full release (ReleaseReset) here.
+		if (!lazy || p.mode == ModeV2 || p.hs[i].named) && filepath.Base(d) == idle && !exists(d) {
 			return &os.PathError{Op: "cleanup", Path: d, Err: os.ErrNotExist}
 		}
 	}
@@ -329,6 +351,9 @@ func readProcs(dir string) []int {
 
 func removeSubdirs(dir string) error {
 	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil // as walkProcs: nothing below a missing directory
+	}
 	if err != nil {
 		return fmt.Errorf("reading %s: %w", dir, err)
 	}

@@ -49,7 +49,7 @@ func prepareCgroup(ctx context.Context, o CreateOptions, s *specs.Spec, st *Stat
 		return nil, fmt.Errorf("acquiring cgroup %s/%s: %w", parent, name, err)
 	}
 	closePool := sync.OnceFunc(func() { pool.Close() })
-	undo.Add(func() { closePool(); releaseLease(parent, name) })
+	undo.Add(func() { closePool(); releaseLease(parent, name, false) })
 	st.CgroupParent, st.CgroupName, st.CgroupPooled = parent, name, true
 	for _, p := range lease.Paths() {
 		l.CgroupProcs = append(l.CgroupProcs, filepath.Join(p, "cgroup.procs"))
@@ -82,14 +82,20 @@ func releaseCgroup(ctx context.Context, o Options, st *State) error {
 	if !st.CgroupPooled {
 		return nil
 	}
-	return releaseLease(st.CgroupParent, st.CgroupName)
+	return releaseLease(st.CgroupParent, st.CgroupName, true)
 }
 
-func releaseLease(parent, name string) error {
+// releaseLease returns a lease to its pool; lazy leaves its limits for
+// the next lease to overwrite, as after a sandbox that ran. After a failed
+// create, the release resets and checks the whole slot instead.
+func releaseLease(parent, name string, lazy bool) error {
 	pool, err := cgpool.Open(cgpool.Options{Parent: parent, LowWater: -1})
 	if err != nil {
 		return fmt.Errorf("opening cgroup pool %s: %w", parent, err)
 	}
 	defer pool.Close()
+	if !lazy {
+		return pool.ReleaseReset(name)
+	}
 	return pool.Release(name)
 }

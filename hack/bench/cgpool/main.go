@@ -58,14 +58,17 @@ type result struct {
 	// Hierarchies are the cgroup hierarchies (controllers) the method
 	// touches per sandbox.
 	Hierarchies []string `json:"hierarchies"`
-	Workers     int      `json:"workers"`
-	N           int      `json:"n"`
-	WallMs      float64  `json:"wall_ms"`
-	Setup       dist     `json:"setup"`
-	Teardn      dist     `json:"teardown"`
-	Op          dist     `json:"op"`
-	ProcCPU     float64  `json:"process_cpu_ms"`
-	HostCPU     float64  `json:"host_cpu_ms"`
+	// Renamed are the controllers whose hierarchies the pool renames a
+	// slot in; in its other hierarchies a lease keeps the slot's name.
+	Renamed []string `json:"renamed,omitempty"`
+	Workers int      `json:"workers"`
+	N       int      `json:"n"`
+	WallMs  float64  `json:"wall_ms"`
+	Setup   dist     `json:"setup"`
+	Teardn  dist     `json:"teardown"`
+	Op      dist     `json:"op"`
+	ProcCPU float64  `json:"process_cpu_ms"`
+	HostCPU float64  `json:"host_cpu_ms"`
 	// TailCPU is host CPU time in the settle period after the run: kernel
 	// work the method left behind (cgroup freeing in kworkers, RCU).
 	TailCPU float64 `json:"host_cpu_tail_ms"`
@@ -417,7 +420,7 @@ func runPool(root string, mode cgpool.Mode, parent, state string, res *specs.Lin
 		err = p.Release(name)
 		return t1.Sub(t0), time.Since(t1), err
 	})
-	r.Hierarchies = p.Controllers()
+	r.Hierarchies, r.Renamed = p.Controllers(), p.NamedControllers()
 	if mode == cgpool.ModeV2 {
 		r.Hierarchies = []string{"unified"}
 	}
@@ -494,6 +497,9 @@ func print(r run) {
 		if !seen[x.Method] {
 			seen[x.Method] = true
 			fmt.Printf("%s touches %d hierarchies: %s\n", x.Method, len(x.Hierarchies), strings.Join(x.Hierarchies, " "))
+			if len(x.Renamed) > 0 {
+				fmt.Printf("  renames a slot where it holds %s; leases keep the slot's name in the others\n", strings.Join(x.Renamed, " "))
+			}
 		}
 	}
 	for _, s := range r.Speedup {
