@@ -141,8 +141,12 @@ func Open(opts Options) (*Pool, error) {
 	}
 	rec.ctrls = controllerSet(mode, hs)
 	p := &Pool{opts: opts, mode: mode, hs: hs, self: self, rec: rec}
+	made := ""
 	for _, h := range hs {
 		d := filepath.Join(h.dir, parent)
+		if made == "" {
+			made = missingTop(h.dir, parent)
+		}
 		err := makeParent(h, d)
 		if err == nil {
 			var fd int
@@ -158,7 +162,53 @@ func Open(opts Options) (*Pool, error) {
 		}
 		p.parents = append(p.parents, d)
 	}
+	if made != "" {
+		// Destroy removes what the pool made: remember it beside the
+		// record (best effort: without it, the parent outlives the pool).
+		_ = os.WriteFile(madePath(opts), []byte(made), 0o600)
+	}
 	return p, nil
+}
+
+// missingTop returns the topmost ancestor of parent (itself included) that
+// does not exist under the hierarchy root, or "" if parent exists.
+func missingTop(root, parent string) string {
+	top := ""
+	for d := parent; d != "/" && d != "."; d = filepath.Dir(d) {
+		if exists(filepath.Join(root, d)) {
+			break
+		}
+		top = d
+	}
+	return top
+}
+
+// madePath is the file that says which cgroup the pool's Open created for
+// its parent, so that Destroy removes it again.
+func madePath(opts Options) string { return recordPath(opts) + ".made" }
+
+// removeMadeParents removes, in every hierarchy, the parent cgroup and the
+// ancestors up to the one the pool created, where they are empty.
+func (p *Pool) removeMadeParents() {
+	b, err := os.ReadFile(madePath(p.opts))
+	if err != nil {
+		return
+	}
+	top := filepath.Clean("/" + string(b))
+	if top != p.opts.Parent && !strings.HasPrefix(p.opts.Parent, top+"/") {
+		return // not an ancestor of this pool's parent: ignore it
+	}
+	for _, h := range p.hs {
+		for d := p.opts.Parent; ; d = filepath.Dir(d) {
+			if err := unix.Rmdir(filepath.Join(h.dir, d)); err != nil && !errors.Is(err, unix.ENOENT) {
+				break // not empty: another pool or a cgroup someone else made
+			}
+			if d == top {
+				break
+			}
+		}
+	}
+	_ = os.Remove(madePath(p.opts))
 }
 
 // pickHierarchies chooses the v1 hierarchies of a pool: those the record
@@ -752,6 +802,7 @@ func (p *Pool) Destroy(force bool) error {
 	if err := os.Remove(p.rec.f.Name()); err != nil {
 		return fmt.Errorf("destroying pool %s: %w", p.opts.Parent, err)
 	}
+	p.removeMadeParents()
 	return nil
 }
 

@@ -335,10 +335,33 @@ func TestDestroy(t *testing.T) {
 	if err := p.Destroy(true); err != nil {
 		t.Fatal(err)
 	}
-	for d, names := range subdirs(t, p) {
-		if len(names) != 0 {
-			t.Fatalf("%s: got %v after destroy, want nothing", d, names)
+	// The parent, which the pool made, goes too.
+	for _, d := range p.parents {
+		if _, err := os.Stat(d); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("%s after destroy: %v, want it removed", d, err)
 		}
+	}
+	// A parent that existed before the pool stays, with what else is in it.
+	root := fakeTree(t, ModeV1)
+	keep := filepath.Join(root, "memory", "a", "b")
+	if err := os.MkdirAll(filepath.Join(root, "memory", "a", "other"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	q := openPool(t, Options{Root: root, Parent: "a/b", LowWater: -1})
+	if err := q.Init(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Destroy(false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(keep); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("%s: %v, want it removed (the pool made it)", keep, err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "memory", "a", "other")); err != nil {
+		t.Fatalf("a cgroup the pool did not make: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "pids", "a")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("pids/a: %v, want it removed (the pool made it there)", err)
 	}
 }
 

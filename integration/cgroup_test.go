@@ -4,6 +4,7 @@ package integration
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -54,6 +55,10 @@ func TestCgroupLimits(t *testing.T) {
 		if out, err := e.cmd(context.Background(), "pool", "destroy", "--force", "--parent", filepath.Dir(cg)).CombinedOutput(); err != nil {
 			t.Errorf("pool destroy: %v: %s", err, out)
 		}
+		// The pool made the parent: destroying it leaves nothing.
+		if left, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", filepath.Dir(cg))); len(left) != 0 {
+			t.Errorf("after pool destroy: %v", left)
+		}
 	})
 	mem, _ := strconv.ParseInt(cgroupFile(t, "memory", cg, "memory.limit_in_bytes"), 10, 64)
 	if mem < 512<<20 || mem > 1<<30 {
@@ -68,12 +73,38 @@ func TestCgroupLimits(t *testing.T) {
 	if p := cgroupFile(t, "pids", cg, "pids.max"); p != "100" {
 		t.Errorf("pids.max = %s, want 100", p)
 	}
+	// The shim and the VMM are in the container's cgroup: under its name
+	// where the pool renames slots, in the slot's own directory elsewhere.
+	var status struct {
+		Slots []struct {
+			ID   int    `json:"id"`
+			Name string `json:"name"`
+		} `json:"slots"`
+	}
+	out := e.ok("pool", "status", "--parent", filepath.Dir(cg), "--format", "json")
+	if err := json.Unmarshal([]byte(out), &status); err != nil {
+		t.Fatalf("pool status: %v: %s", err, out)
+	}
+	slot := -1
+	for _, s := range status.Slots {
+		if s.Name == filepath.Base(cg) {
+			slot = s.ID
+		}
+	}
+	if slot < 0 {
+		t.Fatalf("no slot leased to %s in %s", filepath.Base(cg), out)
+	}
 	st := e.rawState("limits")
-	procs := cgroupFile(t, "memory", cg, "cgroup.procs")
-	for _, k := range []string{"shim", "vmm"} {
-		pid := strconv.Itoa(int(st[k].(map[string]any)["pid"].(float64)))
-		if !strings.Contains("\n"+procs+"\n", "\n"+pid+"\n") {
-			t.Errorf("%s (pid %s) is not in the container's cgroup: %q", k, pid, procs)
+	for ctrl, dir := range map[string]string{
+		"memory": cg, "cpu": cg, "pids": cg,
+		"cpuset": filepath.Join(filepath.Dir(cg), "rund-slot-"+strconv.Itoa(slot)),
+	} {
+		procs := cgroupFile(t, ctrl, dir, "cgroup.procs")
+		for _, k := range []string{"shim", "vmm"} {
+			pid := strconv.Itoa(int(st[k].(map[string]any)["pid"].(float64)))
+			if !strings.Contains("\n"+procs+"\n", "\n"+pid+"\n") {
+				t.Errorf("%s (pid %s) is not in %s:%s: %q", k, pid, ctrl, dir, procs)
+			}
 		}
 	}
 	e.ok("delete", "--force", "limits")
