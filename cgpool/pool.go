@@ -82,6 +82,14 @@ type Pool struct {
 	// cursor is where the next liveness probe looks (guarded by mu).
 	cursor int
 
+	// slotMus are per-slot mutexes (id -> *sync.Mutex) that, with the
+	// slot line's OFD lock, mark a slot being released: the OFD lock
+	// excludes other processes, the mutex other goroutines.
+	slotMus sync.Map
+	// hints map lease names to slot ids (name -> int), so that a Release
+	// finds its slot without reading the record under the flock.
+	hints sync.Map
+
 	refilling atomic.Bool
 	refillWG  sync.WaitGroup
 }
@@ -411,6 +419,7 @@ func (p *Pool) Acquire(ctx context.Context, name string, ownerPid int, res *spec
 			if p.opts.LowWater > 0 && idleLeft < p.opts.LowWater {
 				p.startRefill()
 			}
+			p.hints.Store(name, mine.id)
 			return l, nil
 		}
 	}
@@ -516,6 +525,10 @@ func (p *Pool) takeLocked(slots []slot, name string, own owner, mask fieldMask, 
 		return p.rec.writeSlotLocked(s)
 	}
 	dead := func(s slot) bool { return s.state != stateIdle && s.owner != p.self && !s.owner.alive() }
+	// A slot whose holder died may be being released right now by
+	// another process (rund delete after the shim exited): it is claimed
+	// only if no one holds its line.
+	claimable := func(s slot) bool { return dead(s) && p.slotFree(s.id) }
 	mine = slot{id: -1, state: stateBusy, owner: own, mask: mask, set: mask, vals: vals, name: name}
 	idle, rank := 0, 0
 	for i := range slots {
@@ -531,7 +544,7 @@ func (p *Pool) takeLocked(slots []slot, name string, own owner, mask fieldMask, 
 				mine.id, prev, rank = s.id, *s, r
 			}
 		case s.name == name:
-			if !dead(*s) {
+			if !dead(*s) || !p.slotFree(s.id) {
 				return mine, prev, false, 0, nil, ErrExist
 			}
 			if err := claim(*s); err != nil {
@@ -542,7 +555,7 @@ func (p *Pool) takeLocked(slots []slot, name string, own owner, mask fieldMask, 
 	idleLeft = max(idle-1, 0)
 	for i := 0; i < livenessProbes && len(slots) > 0; i++ {
 		p.cursor = (p.cursor + 1) % len(slots)
-		if s := slots[p.cursor]; s.name != name && dead(s) {
+		if s := slots[p.cursor]; s.name != name && claimable(s) {
 			if err := claim(s); err != nil {
 				return mine, prev, false, 0, nil, err
 			}
@@ -550,7 +563,7 @@ func (p *Pool) takeLocked(slots []slot, name string, own owner, mask fieldMask, 
 	}
 	if mine.id < 0 {
 		for _, s := range slots {
-			if s.name != name && s.state != stateCleaning && dead(s) {
+			if s.name != name && s.state != stateCleaning && claimable(s) {
 				if err := claim(s); err != nil {
 					return mine, prev, false, 0, nil, err
 				}
@@ -576,7 +589,7 @@ func (p *Pool) Reclaim() (int, error) {
 	var stale []slot
 	err := p.withLock(func(slots []slot) error {
 		for _, s := range slots {
-			if s.state != stateIdle && s.owner != p.self && !s.owner.alive() {
+			if s.state != stateIdle && s.owner != p.self && !s.owner.alive() && p.slotFree(s.id) {
 				s.state, s.owner = stateCleaning, p.self
 				if err := p.rec.writeSlotLocked(s); err != nil {
 					return err
@@ -639,39 +652,132 @@ func (p *Pool) Release(name string) error { return p.release(name, true) }
 func (p *Pool) ReleaseReset(name string) error { return p.release(name, false) }
 
 func (p *Pool) release(name string, mayBeLazy bool) error {
-	var mine slot
-	found, lazy := false, false
-	err := p.withLock(func(slots []slot) error {
-		for i := range slots {
-			if slots[i].name != name || slots[i].state == stateIdle {
-				continue
+	id, hinted := p.hint(name)
+	for {
+		if !hinted {
+			// Look the name up in the record (nothing written).
+			found := false
+			err := p.withLock(func(slots []slot) error {
+				for i := range slots {
+					if slots[i].name == name && slots[i].state != stateIdle {
+						id, found = i, true
+						return nil
+					}
+				}
+				return nil
+			})
+			if err != nil || !found {
+				return err
 			}
-			s := slots[i]
-			if s.state != stateBusy && s.owner.alive() && s.owner != p.self {
-				return nil // another process is already cleaning it up
-			}
-			// Only a busy slot is as its Acquire left it; one that a dead
-			// process was cleaning up may be half reset.
-			lazy = mayBeLazy && s.state == stateBusy && s.mask != fieldAll
-			s.state, s.owner = stateCleaning, p.self
-			mine, found = s, true
-			return p.rec.writeSlotLocked(s)
 		}
-		return nil
-	})
-	if err != nil || !found {
+		done, err := p.releaseSlot(name, id, mayBeLazy)
+		if done || err != nil || !hinted {
+			return err
+		}
+		hinted = false // a stale hint: look the name up
+	}
+}
+
+// Hint tells the pool which slot the lease of name was in (Lease.Slot), so
+// that a Release in this process need not look it up; a wrong hint costs a
+// lookup.
+func (p *Pool) Hint(name string, id int) { p.hints.Store(name, id) }
+
+func (p *Pool) hint(name string) (int, bool) {
+	v, ok := p.hints.Load(name)
+	if !ok {
+		return 0, false
+	}
+	return v.(int), true
+}
+
+// releaseSlot releases the lease of name if slot id holds it; done is false
+// if it does not. The slot's line lock, held throughout, keeps others from
+// reclaiming it (its holder, the shim, has usually exited by now) or
+// releasing it twice: the only write to the record is the final one.
+func (p *Pool) releaseSlot(name string, id int, mayBeLazy bool) (done bool, err error) {
+	if err := p.lockSlot(id); err != nil {
+		return true, fmt.Errorf("releasing cgroup %q: %w", name, err)
+	}
+	defer p.unlockSlot(id)
+	s, err := p.rec.readLine(id)
+	if err != nil {
+		err = p.withLock(func(slots []slot) error {
+			if id >= len(slots) {
+				s = slot{id: id}
+				return nil
+			}
+			s = slots[id]
+			return nil
+		})
+		if err != nil {
+			return true, err
+		}
+	}
+	if s.name != name || s.state == stateIdle {
+		return false, nil
+	}
+	p.hints.Delete(name)
+	if s.state != stateBusy && s.owner.alive() && s.owner != p.self {
+		return true, nil // another process is already cleaning it up
+	}
+	// Only a busy slot is as its Acquire left it; one that a dead
+	// process was cleaning up may be half reset.
+	lazy := mayBeLazy && s.state == stateBusy && s.mask != fieldAll
+	if err := p.cleanup(s, lazy); err != nil {
+		// The slot stays leased to its dead holder: the next Acquire
+		// that comes by reclaims it, once this process lets go of it.
+		return true, fmt.Errorf("releasing cgroup %q: %w", name, err)
+	}
+	idle := slot{id: s.id}
+	if lazy {
+		idle.mask, idle.set, idle.vals = s.set, s.set, s.vals
+	}
+	return true, p.markIdle(idle)
+}
+
+// slotMutex returns slot id's in-process mutex.
+func (p *Pool) slotMutex(id int) *sync.Mutex {
+	if m, ok := p.slotMus.Load(id); ok {
+		return m.(*sync.Mutex)
+	}
+	m, _ := p.slotMus.LoadOrStore(id, new(sync.Mutex))
+	return m.(*sync.Mutex)
+}
+
+// lockSlot marks slot id as being released by this goroutine, waiting
+// for another releaser to finish. Never called with mu held.
+func (p *Pool) lockSlot(id int) error {
+	m := p.slotMutex(id)
+	m.Lock()
+	if _, err := p.rec.lockLine(id, true); err != nil {
+		m.Unlock()
 		return err
 	}
-	if err := p.cleanup(mine, lazy); err != nil {
-		// The slot stays claimed by this process; once it exits, the next
-		// Acquire reclaims it.
-		return fmt.Errorf("releasing cgroup %q: %w", name, err)
+	return nil
+}
+
+func (p *Pool) unlockSlot(id int) {
+	p.rec.unlockLine(id)
+	p.slotMutex(id).Unlock()
+}
+
+// slotFree reports whether no goroutine or process is releasing slot id.
+// It does not wait, so it may be called with mu and the flock held.
+func (p *Pool) slotFree(id int) bool {
+	m := p.slotMutex(id)
+	if !m.TryLock() {
+		return false
 	}
-	idle := slot{id: mine.id}
-	if lazy {
-		idle.mask, idle.set, idle.vals = mine.set, mine.set, mine.vals
+	defer m.Unlock()
+	ok, err := p.rec.lockLine(id, false)
+	if err != nil {
+		return true // no OFD locks here: only the record's states protect it
 	}
-	return p.markIdle(idle)
+	if ok {
+		p.rec.unlockLine(id)
+	}
+	return ok
 }
 
 // Lease returns the live lease of name, as another process sees it.
@@ -756,7 +862,7 @@ func (p *Pool) Destroy(force bool) error {
 	var all []slot
 	err := p.withLock(func(slots []slot) error {
 		for _, s := range slots {
-			if !force && s.state != stateIdle && s.owner.alive() && s.owner != p.self {
+			if !force && s.state != stateIdle && (s.owner.alive() && s.owner != p.self || !p.slotFree(s.id)) {
 				return fmt.Errorf("destroying pool %s: slot %d (%s): %w", p.opts.Parent, s.id, s.name, ErrBusy)
 			}
 		}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/opencontainers/cgroups"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 )
 
 func TestMain(m *testing.M) {
@@ -540,4 +541,77 @@ func TestSlotChoice(t *testing.T) {
 		}
 	}
 	checkNoLeaks(t, p)
+}
+
+// TestReleaseInProgressNotReclaimed: the lease of a dead holder that
+// another process is releasing (it holds the slot's line lock) is neither
+// reclaimed nor taken over; once the line is free, it is.
+func TestReleaseInProgressNotReclaimed(t *testing.T) {
+	state := t.TempDir()
+	p := openPool(t, Options{Root: fakeTree(t, ModeV1), Parent: "p", StateDir: state, LowWater: -1})
+	owner := startSleeper(t)
+	l, err := p.Acquire(context.Background(), "orphan", owner.Process.Pid, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = owner.Process.Kill()
+	_ = owner.Wait()
+	// Another open of the record stands for the releasing process: OFD
+	// locks of different open files conflict, even in one process.
+	other, err := os.OpenFile(p.rec.f.Name(), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	lk := unix.Flock_t{Type: unix.F_WRLCK, Start: int64(headerSize + l.Slot()*lineSize), Len: lineSize}
+	if err := unix.FcntlFlock(other.Fd(), unix.F_OFD_SETLK, &lk); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := p.Reclaim(); err != nil || n != 0 {
+		t.Fatalf("Reclaim while it is being released: %d %v, want 0", n, err)
+	}
+	if _, err := p.Acquire(context.Background(), "orphan", 0, nil); !errors.Is(err, ErrExist) {
+		t.Fatalf("Acquire of its name while it is being released: %v, want ErrExist", err)
+	}
+	if err := p.Destroy(false); !errors.Is(err, ErrBusy) {
+		t.Fatalf("Destroy while it is being released: %v, want ErrBusy", err)
+	}
+	lk.Type = unix.F_UNLCK
+	if err := unix.FcntlFlock(other.Fd(), unix.F_OFD_SETLK, &lk); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := p.Reclaim(); err != nil || n != 1 {
+		t.Fatalf("Reclaim once the line is free: %d %v, want 1", n, err)
+	}
+	checkNoLeaks(t, p)
+}
+
+// TestReleaseHint: Release finds its slot by the hint, by the record when
+// the hint is wrong, and does nothing for a name that holds no lease.
+func TestReleaseHint(t *testing.T) {
+	p := openPool(t, Options{Root: fakeTree(t, ModeV1), Parent: "p", LowWater: -1})
+	if err := p.Init(3); err != nil {
+		t.Fatal(err)
+	}
+	a, err := p.Acquire(context.Background(), "a", 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Acquire(context.Background(), "b", 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	// A fresh open, as rund delete is: no hint but the one it is given.
+	q := openPool(t, Options{Root: p.opts.Root, Parent: "p", StateDir: p.opts.StateDir, LowWater: -1})
+	q.Hint("b", a.Slot()) // wrong
+	if err := q.Release("b"); err != nil {
+		t.Fatal(err)
+	}
+	q.Hint("a", a.Slot())
+	if err := q.Release("a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Release("nobody"); err != nil {
+		t.Fatalf("release of a name without a lease: %v", err)
+	}
+	checkNoLeaks(t, q)
 }

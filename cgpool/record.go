@@ -41,8 +41,10 @@ const (
 	stateIdle slotState = 'i'
 	// stateBusy: leased under slot.name by slot.owner.
 	stateBusy slotState = 'b'
-	// stateCleaning: slot.owner is killing, resetting and renaming it back;
-	// if that owner dies the next Acquire reclaims the slot.
+	// stateCleaning: slot.owner is reclaiming it (killing, resetting and
+	// renaming it back) after its holder died; if that owner dies too the
+	// next Acquire reclaims the slot. A Release does not write this state:
+	// it holds the slot line's lock instead.
 	stateCleaning slotState = 'c'
 	// stateNew: slot.owner is creating the slot's directories.
 	stateNew slotState = 'n'
@@ -403,6 +405,48 @@ func (r *record) replaceLocked(slots []slot) error {
 	r.slots, r.valid = slots, true
 	copy(r.hdr[:], hdr)
 	return nil
+}
+
+// lockLine takes the OFD write lock on slot id's line: a lease is being
+// released by whoever holds it. OFD locks are independent of the record's
+// flock, belong to the open file (so to the process, not the goroutine),
+// and go away when the process dies. Without wait it reports false when
+// another process holds it.
+func (r *record) lockLine(id int, wait bool) (bool, error) {
+	lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: int64(headerSize + id*lineSize), Len: lineSize}
+	cmd := unix.F_OFD_SETLK
+	if wait {
+		cmd = unix.F_OFD_SETLKW
+	}
+	for {
+		err := unix.FcntlFlock(r.f.Fd(), cmd, &lk)
+		switch {
+		case err == nil:
+			return true, nil
+		case errors.Is(err, unix.EINTR):
+			continue
+		case !wait && (errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EACCES)):
+			return false, nil
+		}
+		return false, &os.PathError{Op: "lock slot line", Path: r.f.Name(), Err: err}
+	}
+}
+
+func (r *record) unlockLine(id int) {
+	lk := unix.Flock_t{Type: unix.F_UNLCK, Whence: 0, Start: int64(headerSize + id*lineSize), Len: lineSize}
+	_ = unix.FcntlFlock(r.f.Fd(), unix.F_OFD_SETLK, &lk)
+}
+
+// readLine reads slot id's line without the record's flock. Only the
+// holder of the line's lock writes it, but a rebuild rewrites the whole
+// file: a short or torn read is an error, for the caller to read again
+// under the flock.
+func (r *record) readLine(id int) (slot, error) {
+	var b [lineSize]byte
+	if _, err := r.f.ReadAt(b[:], int64(headerSize+id*lineSize)); err != nil {
+		return slot{}, fmt.Errorf("reading slot %d: %w", id, err)
+	}
+	return decodeSlot(b[:], id)
 }
 
 func (r *record) close() error { return r.f.Close() }

@@ -138,6 +138,12 @@ func (p *Pool) rebuildLocked() ([]slot, error) {
 	slots := make([]slot, maxID+1)
 	for id := range slots {
 		s := slot{id: id, state: stateCleaning, mask: fieldAll}
+		if !p.slotFree(id) {
+			// Being released right now: its releaser marks it idle. Were
+			// it to die first, the next Acquire reclaims it in full.
+			slots[id] = s
+			continue
+		}
 		dirs := names[id]
 		if dirs == nil {
 			s.state = stateNew // missing everywhere: recreated on reclaim

@@ -49,8 +49,8 @@ func prepareCgroup(ctx context.Context, o CreateOptions, s *specs.Spec, st *Stat
 		return nil, fmt.Errorf("acquiring cgroup %s/%s: %w", parent, name, err)
 	}
 	closePool := sync.OnceFunc(func() { pool.Close() })
-	undo.Add(func() { closePool(); releaseLease(parent, name, false) })
-	st.CgroupParent, st.CgroupName, st.CgroupPooled = parent, name, true
+	undo.Add(func() { closePool(); releaseLease(parent, name, lease.Slot(), false) })
+	st.CgroupParent, st.CgroupName, st.CgroupSlot, st.CgroupPooled = parent, name, lease.Slot(), true
 	for _, p := range lease.Paths() {
 		l.CgroupProcs = append(l.CgroupProcs, filepath.Join(p, "cgroup.procs"))
 	}
@@ -82,18 +82,19 @@ func releaseCgroup(ctx context.Context, o Options, st *State) error {
 	if !st.CgroupPooled {
 		return nil
 	}
-	return releaseLease(st.CgroupParent, st.CgroupName, true)
+	return releaseLease(st.CgroupParent, st.CgroupName, st.CgroupSlot, true)
 }
 
 // releaseLease returns a lease to its pool; lazy leaves its limits for
 // the next lease to overwrite, as after a sandbox that ran. After a failed
 // create, the release resets and checks the whole slot instead.
-func releaseLease(parent, name string, lazy bool) error {
+func releaseLease(parent, name string, slot int, lazy bool) error {
 	pool, err := cgpool.Open(cgpool.Options{Parent: parent, LowWater: -1})
 	if err != nil {
 		return fmt.Errorf("opening cgroup pool %s: %w", parent, err)
 	}
 	defer pool.Close()
+	pool.Hint(name, slot)
 	if !lazy {
 		return pool.ReleaseReset(name)
 	}

@@ -52,6 +52,9 @@ type State struct {
 	// Cgroup is the container's cgroup: pool parent and name.
 	CgroupParent string `json:"cgroupParent,omitempty"`
 	CgroupName   string `json:"cgroupName,omitempty"`
+	// CgroupSlot is the pool slot behind the lease: a hint that saves
+	// delete a lookup in the pool's record.
+	CgroupSlot int `json:"cgroupSlot,omitempty"`
 	CgroupPooled bool   `json:"cgroupPooled,omitempty"`
 	// Hypervisor is the backend name, Template the template id used ("" for a
 	// cold boot).
