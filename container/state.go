@@ -54,8 +54,8 @@ type State struct {
 	CgroupName   string `json:"cgroupName,omitempty"`
 	// CgroupSlot is the pool slot behind the lease: a hint that saves
 	// delete a lookup in the pool's record.
-	CgroupSlot int `json:"cgroupSlot,omitempty"`
-	CgroupPooled bool   `json:"cgroupPooled,omitempty"`
+	CgroupSlot   int  `json:"cgroupSlot,omitempty"`
+	CgroupPooled bool `json:"cgroupPooled,omitempty"`
 	// Hypervisor is the backend name, Template the template id used ("" for a
 	// cold boot).
 	Hypervisor string `json:"hypervisor,omitempty"`
