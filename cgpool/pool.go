@@ -493,8 +493,8 @@ const shapeProbes = 32
 // slotRank says how well the idle slot s suits a lease of the fields mask
 // at vals: 2 if it already holds them (taking it writes nothing), 1 if it
 // holds no limits, 0 otherwise.
-func slotRank(s slot, mask fieldMask, vals values) int {
-	if reset, apply := plan(s, mask, vals); reset == 0 && apply == 0 {
+func slotRank(s *slot, mask fieldMask, vals values) int {
+	if reset, apply := plan(*s, mask, vals); reset == 0 && apply == 0 {
 		return 2
 	}
 	if s.mask == 0 {
@@ -530,25 +530,27 @@ func (p *Pool) takeLocked(slots []slot, name string, own owner, mask fieldMask, 
 	// only if no one holds its line.
 	claimable := func(s slot) bool { return dead(s) && p.slotFree(s.id) }
 	mine = slot{id: -1, state: stateBusy, owner: own, mask: mask, set: mask, vals: vals, name: name}
+	if id, ok := p.rec.byName[name]; ok && slots[id].state != stateIdle {
+		if s := slots[id]; !dead(s) || !p.slotFree(id) {
+			return mine, prev, false, 0, nil, ErrExist
+		} else if err := claim(s); err != nil {
+			return mine, prev, false, 0, nil, err
+		}
+	}
 	idle, rank := 0, 0
 	for i := range slots {
 		s := &slots[i]
-		switch {
-		case s.state == stateIdle:
-			idle++
-			// Prefer an idle slot that already holds these limits (the
-			// last lease had the same shape): Acquire then writes nothing.
-			// Failing that, a fresh one, so that shaped slots stay for
-			// their shape. Only the first few idle slots are compared.
-			if r := slotRank(*s, mask, vals); mine.id < 0 || idle <= shapeProbes && r > rank {
+		if s.state != stateIdle {
+			continue
+		}
+		idle++
+		// Prefer an idle slot that already holds these limits (the last
+		// lease had the same shape): Acquire then writes nothing. Failing
+		// that, a fresh one, so that shaped slots stay for their shape.
+		// Only the first few idle slots are compared.
+		if mine.id < 0 || idle <= shapeProbes && rank < 2 {
+			if r := slotRank(s, mask, vals); mine.id < 0 || r > rank {
 				mine.id, prev, rank = s.id, *s, r
-			}
-		case s.name == name:
-			if !dead(*s) || !p.slotFree(s.id) {
-				return mine, prev, false, 0, nil, ErrExist
-			}
-			if err := claim(*s); err != nil {
-				return mine, prev, false, 0, nil, err
 			}
 		}
 	}
@@ -658,12 +660,8 @@ func (p *Pool) release(name string, mayBeLazy bool) error {
 			// Look the name up in the record (nothing written).
 			found := false
 			err := p.withLock(func(slots []slot) error {
-				for i := range slots {
-					if slots[i].name == name && slots[i].state != stateIdle {
-						id, found = i, true
-						return nil
-					}
-				}
+				id, found = p.rec.byName[name]
+				found = found && slots[id].state != stateIdle
 				return nil
 			})
 			if err != nil || !found {

@@ -226,6 +226,8 @@ type record struct {
 	gen   uint64
 	slots []slot
 	valid bool
+	// byName indexes the cached slots that hold a lease by its name.
+	byName map[string]int
 	// hdr is the header as last read or written: the same bytes under
 	// the lock mean the cache is current, without parsing them.
 	hdr [headerSize]byte
@@ -305,7 +307,7 @@ func (r *record) readLocked() ([]slot, error) {
 	var hdr [headerSize]byte
 	n, err := r.f.ReadAt(hdr[:], 0)
 	if n == 0 && errors.Is(err, io.EOF) {
-		r.gen, r.slots, r.valid = 0, nil, true
+		r.gen, r.slots, r.valid, r.byName = 0, nil, true, map[string]int{}
 		return nil, nil
 	}
 	if n < headerSize {
@@ -339,7 +341,7 @@ func (r *record) readLocked() ([]slot, error) {
 		return nil, fmt.Errorf("reading pool record: %w", err)
 	}
 	slots := make([]slot, int(size-headerSize)/lineSize)
-	names := make(map[string]bool, len(slots))
+	names := make(map[string]int, len(slots))
 	for i := range slots {
 		off := headerSize + i*lineSize
 		s, err := decodeSlot(buf[off:off+lineSize], i)
@@ -347,14 +349,14 @@ func (r *record) readLocked() ([]slot, error) {
 			return nil, err
 		}
 		if s.name != "" {
-			if names[s.name] {
+			if _, dup := names[s.name]; dup {
 				return nil, fmt.Errorf("name %q leased twice: %w", s.name, ErrCorrupt)
 			}
-			names[s.name] = true
+			names[s.name] = i
 		}
 		slots[i] = s
 	}
-	r.gen, r.slots, r.valid, r.hdr = gen, slots, true, hdr
+	r.gen, r.slots, r.valid, r.hdr, r.byName = gen, slots, true, hdr, names
 	return slots, nil
 }
 
@@ -377,9 +379,15 @@ func (r *record) writeSlotLocked(s slot) error {
 		return fmt.Errorf("writing pool record: %w", err)
 	}
 	if s.id < len(r.slots) {
+		if old := r.slots[s.id].name; old != "" && r.byName[old] == s.id {
+			delete(r.byName, old)
+		}
 		r.slots[s.id] = s
 	} else {
 		r.slots = append(r.slots, s)
+	}
+	if s.name != "" {
+		r.byName[s.name] = s.id
 	}
 	return nil
 }
@@ -402,7 +410,12 @@ func (r *record) replaceLocked(slots []slot) error {
 	if _, err := r.f.WriteAt(buf, 0); err != nil {
 		return fmt.Errorf("rewriting pool record: %w", err)
 	}
-	r.slots, r.valid = slots, true
+	r.slots, r.valid, r.byName = slots, true, map[string]int{}
+	for _, s := range slots {
+		if s.name != "" {
+			r.byName[s.name] = s.id
+		}
+	}
 	copy(r.hdr[:], hdr)
 	return nil
 }
