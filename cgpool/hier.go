@@ -283,7 +283,7 @@ var DefaultControllers = []string{"cpu", "cpuacct", "cpuset", "memory", "pids"}
 // same, and Lease.Paths says where. Each hierarchy left unrenamed saves
 // two renames per lease; a cpuacct mounted together with cpu (as systemd
 // does) is renamed with it.
-var NamedControllers = []string{"cpu", "memory", "pids"}
+var NamedControllers = []string{"cpu", "cpuacct", "memory", "pids"}
 
 // markNamed sets which v1 hierarchies are renamed: those serving one of
 // NamedControllers, or all of them if none does, so that the tree always

@@ -189,6 +189,22 @@ func TestRealResourcesAndKill(t *testing.T) {
 					t.Fatalf("%s: got procs %v, want [%d]", d, procs, vmm.Process.Pid)
 				}
 			}
+			if rt.mode == ModeV1 {
+				// The lease's CPU time is counted, and a lease that had
+				// some hands the slot on with none.
+				burn := exec.Command("sh", "-c", "while :; do :; done")
+				if err := burn.Start(); err != nil {
+					t.Fatal(err)
+				}
+				defer func() { _ = burn.Process.Kill(); _ = burn.Wait() }()
+				if err := l.AddProcess(burn.Process.Pid); err != nil {
+					t.Fatal(err)
+				}
+				time.Sleep(200 * time.Millisecond)
+				if got := readTrim(t, paths["cpuacct"], "cpuacct.usage"); got == "0" {
+					t.Errorf("cpuacct.usage of a lease that ran a busy loop: %s", got)
+				}
+			}
 			if err := l.Release(); err != nil {
 				t.Fatal(err)
 			}
@@ -209,6 +225,7 @@ func TestRealResourcesAndKill(t *testing.T) {
 					{"cpu", "cpu.cfs_quota_us", "-1"},
 					{"cpu", "cpu.shares", "1024"},
 					{"pids", "pids.max", "max"},
+					{"cpuacct", "cpuacct.usage", "0"},
 				}
 				for _, c := range checks {
 					if got := readTrim(t, np[c.ctrl], c.file); got != c.want {

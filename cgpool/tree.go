@@ -33,7 +33,7 @@ func parseSlotName(name string) (int, bool) {
 func (p *Pool) pathsFor(s slot) map[string]string {
 	out := make(map[string]string, len(p.hs)+2)
 	for i, h := range p.hs {
-		d := filepath.Join(p.parents[i], p.dirIn(i, s))
+		d := p.parents[i] + "/" + p.dirIn(i, s) // a clean parent and one name: no Join
 		for _, c := range h.controllers {
 			out[c] = d
 		}
@@ -137,7 +137,7 @@ func (p *Pool) renameAll(from, to string) error {
 func (p *Pool) cleanup(s slot, lazy bool) error {
 	dirs := make([]string, len(p.hs))
 	for i := range p.hs {
-		dirs[i] = filepath.Join(p.parents[i], p.dirIn(i, s))
+		dirs[i] = p.parents[i] + "/" + p.dirIn(i, s)
 	}
 	err := p.cleanupAt(s, dirs, lazy)
 	if err == nil || !errors.Is(err, os.ErrNotExist) {
@@ -181,6 +181,9 @@ func (p *Pool) cleanupAt(s slot, dirs []string, lazy bool) error {
 	if err := p.killAll(dirs); err != nil {
 		return fmt.Errorf("emptying slot %d: %w", s.id, err)
 	}
+	if err := p.resetUsage(dirs); err != nil {
+		return fmt.Errorf("resetting slot %d: %w", s.id, err)
+	}
 	if !lazy {
 		paths := make(map[string]string, len(dirs))
 		for i, h := range p.hs {
@@ -201,6 +204,32 @@ func (p *Pool) cleanupAt(s slot, dirs []string, lazy bool) error {
 		}
 		if err := renameAt(p.pfds[i], filepath.Base(d), idle, p.hs[i].cgroupfs); err != nil {
 			return fmt.Errorf("returning slot %d: %w", s.id, err)
+		}
+	}
+	return nil
+}
+
+// resetUsage zeroes the slot's CPU time (cgroup v1 cpuacct.usage), which
+// would otherwise carry the last sandbox's into the next one: podman stats
+// and the kubelet read a container's CPU time there. cgroup v2 has no way
+// to reset cpu.stat, so a v2 lease's CPU time starts where the slot's last
+// lease left it (rates are right; totals are not).
+func (p *Pool) resetUsage(dirs []string) error {
+	if p.mode != ModeV1 {
+		return nil
+	}
+	for i, h := range p.hs {
+		if !h.cgroupfs || !h.has("cpuacct") {
+			continue
+		}
+		fd, err := unix.Openat(p.pfds[i], filepath.Base(dirs[i])+"/cpuacct.usage", unix.O_WRONLY|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+		if err != nil {
+			return &os.PathError{Op: "open", Path: filepath.Join(dirs[i], "cpuacct.usage"), Err: err}
+		}
+		_, err = unix.Write(fd, []byte("0"))
+		unix.Close(fd)
+		if err != nil {
+			return &os.PathError{Op: "write", Path: filepath.Join(dirs[i], "cpuacct.usage"), Err: err}
 		}
 	}
 	return nil

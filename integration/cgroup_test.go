@@ -96,7 +96,7 @@ func TestCgroupLimits(t *testing.T) {
 	}
 	st := e.rawState("limits")
 	for ctrl, dir := range map[string]string{
-		"memory": cg, "cpu": cg, "pids": cg,
+		"memory": cg, "cpu": cg, "cpuacct": cg, "pids": cg,
 		"cpuset": filepath.Join(filepath.Dir(cg), "rund-slot-"+strconv.Itoa(slot)),
 	} {
 		procs := cgroupFile(t, ctrl, dir, "cgroup.procs")

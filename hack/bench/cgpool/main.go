@@ -5,9 +5,11 @@
 // sandbox (mkdir + apply + rmdir through github.com/opencontainers/cgroups'
 // fs manager, as runc does: a cgroup in every mounted hierarchy), at
 // several concurrency levels, in one process. Both sides apply the same
-// limits; sandbox i gets one of -shapes memory sizes, so a pool slot
-// usually changes shape between leases. Each side runs after the host has
-// settled from the previous one (cgroup removal leaves kernel work behind).
+// limits; sandbox i gets one of -shapes memory sizes (the pool takes an
+// idle slot of the same shape when it has one, else it rewrites the
+// memory limit). Each side runs after the host has
+// settled from the previous one (cgroup removal leaves kernel work behind);
+// the two alternate -repeat times per level and the median run counts.
 // It prints a table and writes the figures as JSON, with the hierarchies
 // each side touched. It needs root and leaves nothing behind.
 //
@@ -73,6 +75,11 @@ type result struct {
 	// work the method left behind (cgroup freeing in kworkers, RCU).
 	TailCPU float64 `json:"host_cpu_tail_ms"`
 	Errors  int     `json:"errors"`
+	// Runs is how many times the method ran at this level; the figures
+	// above are those of the run of median wall time, RunsWallMs all the
+	// runs' wall times, sorted.
+	Runs       int       `json:"runs"`
+	RunsWallMs []float64 `json:"runs_wall_ms"`
 }
 
 type run struct {
@@ -95,9 +102,13 @@ func main() {
 	v2root := flag.String("v2root", "auto", `cgroup2 tree for a v2 pass ("auto": <root>/unified on a hybrid host, "" to skip)`)
 	ctrls := flag.String("controllers", "", `v1 controllers of the pool's slots ("": cgpool.DefaultControllers; "all": every hierarchy)`)
 	flag.StringVar(&stateRoot, "state", "/dev/shm", "where the pool records go: a tmpfs, as /run is on a standard host (here /run is on the root disk)")
+	flag.IntVar(&repeat, "repeat", 3, "runs of each method per level, alternating; the median run is reported")
 	flag.IntVar(&shapes, "shapes", 4, "number of distinct sandbox memory sizes (1: every sandbox alike)")
-	flag.DurationVar(&settle, "settle", time.Second, "longest wait for the host to go idle between runs")
+	flag.DurationVar(&settle, "settle", 10*time.Second, "longest wait for the host to go idle between runs")
 	flag.Parse()
+	if repeat < 1 {
+		fatal(fmt.Errorf("bad -repeat %d", repeat))
+	}
 	if *ctrls != "" {
 		controllers = strings.Split(*ctrls, ",")
 	}
@@ -141,6 +152,7 @@ func main() {
 }
 
 var (
+	repeat      int
 	stateRoot   string
 	shapes      int
 	settle      time.Duration
@@ -223,19 +235,46 @@ func bench(root string, mode cgpool.Mode, parent string, levels []int, n int) (r
 		rr.Note = "cgroup v2 cannot rename a cgroup: the pool leases slots in place (name kept in an xattr)"
 	}
 	for _, w := range levels {
-		base, err := runBaseline(mode, res, parent, topPaths, w, n)
-		if err != nil {
-			return rr, err
+		// Alternate the methods, repeat times, and keep each one's run of
+		// median wall time: a 100ms run on this shared VM varies by tens
+		// of percent from one to the next.
+		var bases, pools []result
+		for range repeat {
+			base, err := runBaseline(mode, res, parent, topPaths, w, n)
+			if err != nil {
+				return rr, err
+			}
+			pool, err := runPool(root, mode, parent, state, res, w, n)
+			if err != nil {
+				return rr, err
+			}
+			bases, pools = append(bases, base), append(pools, pool)
 		}
-		pool, err := runPool(root, mode, parent, state, res, w, n)
-		if err != nil {
-			return rr, err
-		}
+		base, pool := median(bases), median(pools)
 		rr.Results = append(rr.Results, base, pool)
-		rr.Speedup = append(rr.Speedup, fmt.Sprintf("%d workers: %.1fx wall, %.1fx host CPU",
-			w, base.WallMs/pool.WallMs, base.HostCPU/max(pool.HostCPU, 0.001)))
+		rr.Speedup = append(rr.Speedup, fmt.Sprintf("%d workers: %.1fx wall, %.1fx host CPU (medians of %d; wall ms mkdir %s, pool %s)",
+			w, base.WallMs/pool.WallMs, base.HostCPU/max(pool.HostCPU, 0.001), repeat, walls(base), walls(pool)))
 	}
 	return rr, nil
+}
+
+func walls(r result) string {
+	var f []string
+	for _, w := range r.RunsWallMs {
+		f = append(f, fmt.Sprintf("%.0f", w))
+	}
+	return strings.Join(f, "/")
+}
+
+// median returns the run of median wall time, with every run's wall time.
+func median(rs []result) result {
+	sort.Slice(rs, func(i, j int) bool { return rs[i].WallMs < rs[j].WallMs })
+	m := rs[len(rs)/2]
+	m.Runs = len(rs)
+	for _, r := range rs {
+		m.RunsWallMs = append(m.RunsWallMs, r.WallMs)
+	}
+	return m
 }
 
 func uniq(m map[string]string) []string {
@@ -272,6 +311,7 @@ func measure(method string, w, n int, fn op) result {
 	}
 	close(next)
 	waitIdle()
+	warmUp()
 	cpu0, host0 := procCPU(), hostCPU()
 	start := time.Now()
 	var wg sync.WaitGroup
@@ -309,11 +349,24 @@ func measure(method string, w, n int, fn op) result {
 	}
 }
 
-// waitIdle waits, up to settle, until the host's CPUs were under 20% busy
-// for 100ms: other engineers share the machine, and cgroup removal goes on
-// in kworkers after rmdir has returned.
+// waitIdle waits, up to settle, until the kernel has freed the cgroups the
+// previous run removed (the count of cgroups in /proc/cgroups, dying ones
+// included, has stopped falling: freeing them takes cgroup_mutex, which the
+// next run's renames and mkdirs need too) and the host's CPUs were under
+// 20% busy for 100ms: other engineers share the machine, and cgroup removal
+// goes on in kworkers after rmdir has returned.
 func waitIdle() {
 	deadline := time.Now().Add(settle)
+	for last, same := liveCgroups(), 0; same < 5 && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+		n := liveCgroups()
+		if n < last {
+			same = 0
+		} else {
+			same++
+		}
+		last = n
+	}
 	for time.Now().Before(deadline) {
 		h0, t0 := hostCPU(), time.Now()
 		time.Sleep(100 * time.Millisecond)
@@ -321,6 +374,44 @@ func waitIdle() {
 			return
 		}
 	}
+}
+
+// liveCgroups sums the cgroup counts of /proc/cgroups, dying ones
+// included, over the controllers whose dying cgroups go away: memory is
+// left out, as a memory cgroup that still has pages charged to it can
+// linger for long after its removal.
+func liveCgroups() int {
+	b, err := os.ReadFile("/proc/cgroups")
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 3 || strings.HasPrefix(f[0], "#") || f[0] == "memory" {
+			continue
+		}
+		c, _ := strconv.Atoi(f[2])
+		n += c
+	}
+	return n
+}
+
+// warmUp keeps every CPU busy for 50ms: this machine is a VM whose vCPUs
+// start slow after the idle wait (a run of 100ms, as the pool's are, came
+// out 10-40% slower right after it), and both methods should start alike.
+func warmUp() {
+	var wg sync.WaitGroup
+	end := time.Now().Add(50 * time.Millisecond)
+	for range runtime.NumCPU() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(end) {
+			}
+		}()
+	}
+	wg.Wait()
 }
 
 func runBaseline(mode cgpool.Mode, res *specs.LinuxResources, parent string, parents map[string]string, w, n int) (result, error) {
