@@ -7,6 +7,7 @@ import (
 	"hash/crc32"
 	"io"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -228,6 +229,11 @@ type record struct {
 	valid bool
 	// byName indexes the cached slots that hold a lease by its name.
 	byName map[string]int
+	// raw is the slot lines as last read or written, line i decoded in
+	// slots[i] while rawOK: a re-read after another process's writes
+	// decodes only the lines that changed. spare is the other buffer.
+	raw, spare []byte
+	rawOK      bool
 	// hdr is the header as last read or written: the same bytes under
 	// the lock mean the cache is current, without parsing them.
 	hdr [headerSize]byte
@@ -336,26 +342,42 @@ func (r *record) readLocked() ([]slot, error) {
 	if (size-headerSize)%lineSize != 0 || size > headerSize+lineSize*1<<20 {
 		return nil, fmt.Errorf("record size %d: %w", size, ErrCorrupt)
 	}
-	buf := make([]byte, size)
-	if _, err := r.f.ReadAt(buf, 0); err != nil {
+	buf := slices.Grow(r.spare[:0], int(size)-headerSize)[:size-headerSize]
+	if _, err := r.f.ReadAt(buf, headerSize); err != nil {
+		r.rawOK = false
 		return nil, fmt.Errorf("reading pool record: %w", err)
 	}
-	slots := make([]slot, int(size-headerSize)/lineSize)
-	names := make(map[string]int, len(slots))
-	for i := range slots {
-		off := headerSize + i*lineSize
-		s, err := decodeSlot(buf[off:off+lineSize], i)
-		if err != nil {
-			return nil, err
-		}
-		if s.name != "" {
-			if _, dup := names[s.name]; dup {
-				return nil, fmt.Errorf("name %q leased twice: %w", s.name, ErrCorrupt)
-			}
-			names[s.name] = i
-		}
-		slots[i] = s
+	count := len(buf) / lineSize
+	old, slots := r.raw, r.slots
+	if !r.rawOK {
+		old = nil
 	}
+	r.rawOK = false // slots is rewritten in place below
+	slots = slices.Grow(slots[:min(len(slots), count)], count)[:count]
+	names := r.byName
+	if names == nil {
+		names = make(map[string]int, count)
+	}
+	clear(names)
+	for i := range slots {
+		line := buf[i*lineSize : (i+1)*lineSize]
+		if (i+1)*lineSize > len(old) || !bytes.Equal(line, old[i*lineSize:(i+1)*lineSize]) {
+			s, err := decodeSlot(line, i)
+			if err != nil {
+				r.slots = slots
+				return nil, err
+			}
+			slots[i] = s
+		}
+		if name := slots[i].name; name != "" {
+			if _, dup := names[name]; dup {
+				r.slots = slots
+				return nil, fmt.Errorf("name %q leased twice: %w", name, ErrCorrupt)
+			}
+			names[name] = i
+		}
+	}
+	r.spare, r.raw, r.rawOK = r.raw, buf, true
 	r.gen, r.slots, r.valid, r.hdr, r.byName = gen, slots, true, hdr, names
 	return slots, nil
 }
@@ -374,9 +396,19 @@ func (r *record) writeSlotLocked(s slot) error {
 		return fmt.Errorf("writing pool record: %w", err)
 	}
 	copy(r.hdr[:], hdr)
-	if _, err := r.f.WriteAt(encodeSlot(s), int64(headerSize+s.id*lineSize)); err != nil {
-		r.valid = false
+	line := encodeSlot(s)
+	if _, err := r.f.WriteAt(line, int64(headerSize+s.id*lineSize)); err != nil {
+		r.valid, r.rawOK = false, false
 		return fmt.Errorf("writing pool record: %w", err)
+	}
+	if r.rawOK {
+		if off := s.id * lineSize; off < len(r.raw) {
+			copy(r.raw[off:], line)
+		} else if off == len(r.raw) {
+			r.raw = append(r.raw, line...)
+		} else {
+			r.rawOK = false
+		}
 	}
 	if s.id < len(r.slots) {
 		if old := r.slots[s.id].name; old != "" && r.byName[old] == s.id {
@@ -411,6 +443,7 @@ func (r *record) replaceLocked(slots []slot) error {
 		return fmt.Errorf("rewriting pool record: %w", err)
 	}
 	r.slots, r.valid, r.byName = slots, true, map[string]int{}
+	r.raw, r.rawOK = append(r.raw[:0], buf[headerSize:]...), true
 	for _, s := range slots {
 		if s.name != "" {
 			r.byName[s.name] = s.id

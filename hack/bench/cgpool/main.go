@@ -102,6 +102,7 @@ func main() {
 	v2root := flag.String("v2root", "auto", `cgroup2 tree for a v2 pass ("auto": <root>/unified on a hybrid host, "" to skip)`)
 	ctrls := flag.String("controllers", "", `v1 controllers of the pool's slots ("": cgpool.DefaultControllers; "all": every hierarchy)`)
 	flag.StringVar(&stateRoot, "state", "/dev/shm", "where the pool records go: a tmpfs, as /run is on a standard host (here /run is on the root disk)")
+	flag.BoolVar(&perWorker, "pool-per-worker", false, "each worker opens the pool itself, as separate rund processes would, instead of sharing one open")
 	flag.IntVar(&repeat, "repeat", 3, "runs of each method per level, alternating; the median run is reported")
 	flag.IntVar(&shapes, "shapes", 4, "number of distinct sandbox memory sizes (1: every sandbox alike)")
 	flag.DurationVar(&settle, "settle", 10*time.Second, "longest wait for the host to go idle between runs")
@@ -152,6 +153,7 @@ func main() {
 }
 
 var (
+	perWorker   bool
 	repeat      int
 	stateRoot   string
 	shapes      int
@@ -498,17 +500,41 @@ func runPool(root string, mode cgpool.Mode, parent, state string, res *specs.Lin
 	if err := p.Init(w + 2*cgpool.DefaultLowWater); err != nil {
 		return result{}, err
 	}
+	// Each op takes a pool from opened and puts it back: with
+	// -pool-per-worker there are as many as workers, each its own open of
+	// the pool (own record file, own cache), as separate rund processes
+	// would have.
+	opened := make(chan *cgpool.Pool, w)
+	opened <- p
+	for range w - 1 {
+		if !perWorker {
+			opened <- p
+			continue
+		}
+		q, err := cgpool.Open(cgpool.Options{Root: root, Parent: parent, StateDir: state, Mode: mode, MemoryOverhead: overhead})
+		if err != nil {
+			return result{}, err
+		}
+		defer q.Close()
+		opened <- q
+	}
+	method := "pool acquire+apply+release"
+	if perWorker {
+		method = "pool (open per worker)"
+	}
 	ctx := context.Background()
-	r := measure("pool acquire+apply+release", w, n, func(i int) (time.Duration, time.Duration, error) {
+	r := measure(method, w, n, func(i int) (time.Duration, time.Duration, error) {
+		q := <-opened
+		defer func() { opened <- q }()
 		name := fmt.Sprintf("c-%d", i)
 		rs := withShape(res, i)
 		t0 := time.Now()
-		_, err := p.Acquire(ctx, name, 0, rs)
+		_, err := q.Acquire(ctx, name, 0, rs)
 		t1 := time.Now()
 		if err != nil {
 			return t1.Sub(t0), 0, err
 		}
-		err = p.Release(name)
+		err = q.Release(name)
 		return t1.Sub(t0), time.Since(t1), err
 	})
 	r.Hierarchies, r.Renamed = p.Controllers(), p.NamedControllers()
