@@ -393,7 +393,7 @@ func (p *Pool) Acquire(ctx context.Context, name string, ownerPid int, res *spec
 			// The idle slot's directory was removed behind the record's
 			// back (an empty cgroup looks unused to other tools): make it
 			// again and apply every limit, since none is there any more.
-			if err = p.remakeIdle(mine); err == nil {
+			if err = p.remakeMissing(slot{id: mine.id}); err == nil {
 				prev = slot{}
 				err = p.renameAll(slotName(mine.id), dir)
 			}
@@ -445,10 +445,6 @@ func (p *Pool) apply(l *Lease, prev slot, mask fieldMask, r *cgroups.Resources) 
 	}
 	return applyResources(p.mode, l.paths, restrict(r, apply), apply)
 }
-
-// remakeIdle creates the idle slot's directory in each hierarchy that lacks
-// it.
-func (p *Pool) remakeIdle(s slot) error { return p.remakeMissing(slot{id: s.id}) }
 
 // remakeMissing creates the slot's directory, named as dirIn says, in each
 // hierarchy that lacks it.

@@ -136,8 +136,6 @@ func padLine(b []byte, size int) []byte {
 
 var spaces = [lineSize]byte(bytes.Repeat([]byte{' '}, lineSize))
 
-func pad(s string, size int) []byte { return padLine(append(make([]byte, 0, size), s...), size) }
-
 func decodeSlot(line []byte, want int) (slot, error) {
 	bad := func(what string) (slot, error) {
 		return slot{}, fmt.Errorf("slot line %d: %s: %w", want, what, ErrCorrupt)

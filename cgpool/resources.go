@@ -301,6 +301,34 @@ var numericFields = []fieldMask{
 	fieldCPUQuota, fieldCPUPeriod, fieldPids, fieldBlkioWeight,
 }
 
+// get returns field f's value in 64 bits: an int64's two's complement for
+// the signed fields (signedField).
+func (v values) get(f fieldMask) uint64 {
+	switch f {
+	case fieldCPUShares:
+		return v.shares
+	case fieldCPUPeriod:
+		return v.period
+	case fieldBlkioWeight:
+		return uint64(v.blkio)
+	}
+	return uint64(*v.field(f))
+}
+
+// set stores n, as get returns it, in field f.
+func (v *values) set(f fieldMask, n uint64) {
+	switch f {
+	case fieldCPUShares:
+		v.shares = n
+	case fieldCPUPeriod:
+		v.period = n
+	case fieldBlkioWeight:
+		v.blkio = uint16(n)
+	default:
+		*v.field(f) = int64(n)
+	}
+}
+
 func (v *values) field(f fieldMask) *int64 {
 	switch f {
 	case fieldMemory:
@@ -330,15 +358,10 @@ func (v values) appendEncoded(b []byte, m fieldMask) []byte {
 		if len(b) > n {
 			b = append(b, '/')
 		}
-		switch f {
-		case fieldCPUShares:
-			b = strconv.AppendUint(b, v.shares, 10)
-		case fieldCPUPeriod:
-			b = strconv.AppendUint(b, v.period, 10)
-		case fieldBlkioWeight:
-			b = strconv.AppendUint(b, uint64(v.blkio), 10)
-		default:
-			b = strconv.AppendInt(b, *v.field(f), 10)
+		if signedField(f) {
+			b = strconv.AppendInt(b, int64(v.get(f)), 10)
+		} else {
+			b = strconv.AppendUint(b, v.get(f), 10)
 		}
 	}
 	if len(b) == n {
@@ -377,32 +400,22 @@ func decodeValuesBytes(b []byte, m fieldMask) (values, error) {
 		}
 		n, ok := parseUint(part, 10)
 		limit := uint64(1<<64 - 1)
-		if signedField(f) {
+		switch {
+		case signedField(f):
 			limit = 1<<63 - 1
 			if neg {
 				limit++
 			}
+		case f == fieldBlkioWeight:
+			limit = 1<<16 - 1
 		}
 		if !ok || n > limit || neg && !signedField(f) {
 			return v, fmt.Errorf("values %q: bad number", b)
 		}
-		x := int64(n) // wraps to math.MinInt64 for its own magnitude
 		if neg {
-			x = -x
+			n = -n // two's complement, as get returns a negative value
 		}
-		switch f {
-		case fieldCPUShares:
-			v.shares = n
-		case fieldCPUPeriod:
-			v.period = n
-		case fieldBlkioWeight:
-			if n > 1<<16-1 {
-				return v, fmt.Errorf("values %q: bad number", b)
-			}
-			v.blkio = uint16(n)
-		default:
-			*v.field(f) = x
-		}
+		v.set(f, n)
 	}
 	if len(rest) != 0 {
 		return v, fmt.Errorf("values %q: too many", b)
@@ -452,18 +465,7 @@ func sameValues(a, b values, m fieldMask) bool {
 		if m&f == 0 {
 			continue
 		}
-		var same bool
-		switch f {
-		case fieldCPUShares:
-			same = a.shares == b.shares
-		case fieldCPUPeriod:
-			same = a.period == b.period
-		case fieldBlkioWeight:
-			same = a.blkio == b.blkio
-		default:
-			same = *a.field(f) == *b.field(f)
-		}
-		if !same {
+		if a.get(f) != b.get(f) {
 			return false
 		}
 	}
