@@ -212,6 +212,22 @@ func makeRootfs(root string) error {
 	return nil
 }
 
+// writableDisk makes a fresh 64 MiB ext4 image in dir.
+func writableDisk(t *testing.T, dir string) string {
+	t.Helper()
+	rw := filepath.Join(dir, "rw.img")
+	if err := os.WriteFile(rw, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(rw, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", rw).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v: %s", err, out)
+	}
+	return rw
+}
+
 // vm is one booted guest.
 type vm struct {
 	t       *testing.T
@@ -227,16 +243,7 @@ type vm struct {
 func bootVM(t *testing.T, e *vmEnv, extra ...string) *vm {
 	t.Helper()
 	dir := t.TempDir()
-	rw := filepath.Join(dir, "rw.img")
-	if err := os.WriteFile(rw, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(rw, 64<<20); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", rw).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4: %v: %s", err, out)
-	}
+	rw := writableDisk(t, dir)
 	sock := filepath.Join(dir, "agent.sock")
 	ln, err := net.Listen("unix", sock)
 	if err != nil {

@@ -122,22 +122,6 @@ func TestAgentZygotes(t *testing.T) {
 	v.shutdown()
 }
 
-// writableDisk makes a fresh 64 MiB ext4 image in dir.
-func writableDisk(t *testing.T, dir string) string {
-	t.Helper()
-	rw := filepath.Join(dir, "rw.img")
-	if err := os.WriteFile(rw, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(rw, 64<<20); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", rw).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4: %v: %s", err, out)
-	}
-	return rw
-}
-
 // TestAgentTemplateClone builds a template as rund does (boot on
 // placeholder disks, Hello, Warmup, pause, snapshot) through the QEMU
 // backend, then restores two clones, each with its own image and writable
