@@ -189,3 +189,26 @@ func SandboxPids(root, id string) (shim, vmm int, err error) {
 	}
 	return st.Shim.Pid, st.VMM.Pid, nil
 }
+
+// CPUTicks reads the host's aggregate cpu line of /proc/stat: the busy and
+// the total time of all CPUs, in USER_HZ ticks (guest time is already in
+// user and nice, so it is not added again).
+func CPUTicks() (busy, total uint64) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	for i, v := range f[1:] {
+		if i >= 8 { // guest, guest_nice
+			break
+		}
+		n, _ := strconv.ParseUint(v, 10, 64)
+		total += n
+		if i != 3 && i != 4 { // idle, iowait
+			busy += n
+		}
+	}
+	return busy, total
+}

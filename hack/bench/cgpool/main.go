@@ -38,6 +38,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rund-dev/rund/cgpool"
+	"github.com/rund-dev/rund/hack/bench/benchutil"
 )
 
 // sandbox shape: what a 256 MiB, half-CPU container asks for.
@@ -577,20 +578,7 @@ func procCPU() time.Duration {
 // kernel work that cgroup removal defers to kworkers, which the process's
 // own rusage does not see.
 func hostCPU() time.Duration {
-	b, err := os.ReadFile("/proc/stat")
-	if err != nil {
-		return 0
-	}
-	line, _, _ := strings.Cut(string(b), "\n")
-	f := strings.Fields(line)
-	var busy uint64
-	for i, v := range f[1:] {
-		if i == 3 || i == 4 { // idle, iowait
-			continue
-		}
-		x, _ := strconv.ParseUint(v, 10, 64)
-		busy += x
-	}
+	busy, _ := benchutil.CPUTicks()
 	return time.Duration(busy) * (time.Second / 100) // USER_HZ
 }
 

@@ -512,24 +512,8 @@ func memAvailableMiB() float64 {
 type cpuStat struct{ busy, total uint64 }
 
 func readCPUStat() cpuStat {
-	b, err := os.ReadFile("/proc/stat")
-	if err != nil {
-		return cpuStat{}
-	}
-	line, _, _ := strings.Cut(string(b), "\n")
-	f := strings.Fields(line)
-	var s cpuStat
-	for i, v := range f[1:] {
-		n, _ := strconv.ParseUint(v, 10, 64)
-		if i >= 8 { // guest and guest_nice are already in user and nice
-			break
-		}
-		s.total += n
-		if i != 3 && i != 4 { // idle, iowait
-			s.busy += n
-		}
-	}
-	return s
+	busy, total := benchutil.CPUTicks()
+	return cpuStat{busy, total}
 }
 
 // hostCPU is the whole host's CPU use over an interval (everyone's).
