@@ -13,10 +13,10 @@
 // whose last lease had the same limits, so that nothing need be written),
 // then, outside the lock, renames it to the container's cgroup name and
 // writes the limits that differ. On v1 the rename happens in the
-// hierarchies where a container's limits are looked up by its cgroupsPath
-// (memory, cpu, pids: NamedControllers), all or none; in the pool's other
-// hierarchies (cpuset, a cpuacct mounted on its own) the lease stays in the
-// slot's directory, as every lease does on v2, and Lease.Paths says where.
+// hierarchies where a container's limits and usage are looked up by its
+// cgroupsPath (memory, cpu, cpuacct, pids: NamedControllers), all or none;
+// in the pool's other hierarchies (cpuset) the lease stays in the slot's
+// directory, as every lease does on v2, and Lease.Paths says where.
 //
 // Release holds the slot line's OFD lock (which dies with its process) while
 // it kills what is left in the slot, renames it back and marks it idle: the

@@ -274,15 +274,13 @@ const AllControllers = "all"
 var DefaultControllers = []string{"cpu", "cpuacct", "cpuset", "memory", "pids"}
 
 // NamedControllers are the cgroup v1 controllers whose hierarchies show a
-// lease under the container's own cgroup name: those every sandbox is
-// limited by (memory, CPU time, tasks), where runc users, OCI tests and
-// monitoring look up a container's limits by its cgroupsPath. In the
-// pool's other hierarchies (cpuset, a cpuacct mounted on its own, ...) a
-// lease stays in its slot's directory, under the slot's name, as every
-// lease does on cgroup v2: its processes and limits are there all the
-// same, and Lease.Paths says where. Each hierarchy left unrenamed saves
-// two renames per lease; a cpuacct mounted together with cpu (as systemd
-// does) is renamed with it.
+// lease under the container's own cgroup name: those where runc users, OCI
+// tests and monitoring (podman stats, the kubelet) look up a container's
+// limits and usage by its cgroupsPath. In the pool's other hierarchies
+// (cpuset) a lease stays in its slot's directory, under the slot's name,
+// as every lease does on cgroup v2: its processes and limits are there all
+// the same, and Lease.Paths says where. Each hierarchy left unrenamed saves
+// two renames per lease.
 var NamedControllers = []string{"cpu", "cpuacct", "memory", "pids"}
 
 // markNamed sets which v1 hierarchies are renamed: those serving one of
